@@ -1,0 +1,46 @@
+"""The routing contract shared by every router and the MoE block (see docs/ARCHITECTURE.md).
+
+Routing is *expert-major*: for each expert ``e`` and each of its ``C`` capacity slots, which token
+fills the slot and with what combine weight. Token choice and expert choice both produce this
+form, so the MoE block has one dispatch path: gather ``x[slot_token]`` into ``[E, C, d]`` buffers,
+run the experts, scatter-add ``slot_weight * y`` back onto the tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Routing:
+    """Result of a routing function.
+
+    Attributes:
+      slot_token: int32[E, C]; the token index (into the flattened ``[T]`` tokens) that fills slot
+        ``c`` of expert ``e``, or -1 when the slot is empty.
+      slot_weight: float32[E, C]; the combine weight of that token for that expert (0 for an
+        empty slot). Gradients reach the router through these weights.
+      aux_loss: float32 scalar; the router's load-balancing loss, *unweighted* (the weight lives
+        in the config). 0 for routers that need none (expert choice).
+      z_loss: float32 scalar; the router z-loss (ST-MoE eq. 5), unweighted.
+      stats: dict of float32 arrays for monitoring (never differentiated through), e.g.
+        ``dropped_fraction`` (scalar), ``expert_load`` ([E], fraction of routed choices per expert),
+        ``router_confidence`` (scalar), ``tokens_per_expert`` ([E]).
+    """
+
+    slot_token: jax.Array
+    slot_weight: jax.Array
+    aux_loss: jax.Array
+    z_loss: jax.Array
+    stats: dict[str, jax.Array]
+
+    @property
+    def num_experts(self) -> int:
+        return self.slot_token.shape[0]
+
+    @property
+    def capacity(self) -> int:
+        return self.slot_token.shape[1]
