@@ -1,0 +1,444 @@
+"""The experiment schema: one typed, validated, frozen description of a run.
+
+An experiment is a YAML file (which may ``extends:`` another) plus command-line overrides
+(``model.d_model=64``). Defaults live only here. Unknown keys are rejected with a did-you-mean;
+cross-field checks name both fields and the fix. Every user mistake becomes a ``ConfigError``
+whose message is one line naming the file/override and the key.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+
+class ConfigError(ValueError):
+    """A user error in a config file or override; the message is one line."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class ModelConfig(_Section):
+    kind: Literal["encoder_decoder", "decoder_only"] = Field(
+        "encoder_decoder",
+        description="encoder_decoder serves translate and lm tasks (lm uses the decoder); "
+        "decoder_only serves lm tasks, and translate tasks as a prefix LM.",
+    )
+    d_model: int = Field(128, gt=0, description="Model (residual stream) width.")
+    num_heads: int = Field(4, gt=0, description="Attention heads; must divide d_model.")
+    encoder_layers: int = Field(2, ge=0, description="Encoder blocks (encoder_decoder only).")
+    decoder_layers: int = Field(2, gt=0, description="Decoder blocks.")
+    d_ff: int = Field(512, gt=0, description="Hidden width of each feed-forward (and expert).")
+    dropout: float = Field(0.1, ge=0.0, lt=1.0, description="Dropout outside the experts.")
+    activation: Literal["gelu", "relu"] = Field("gelu", description="Feed-forward activation.")
+    vocab_size: int = Field(4000, ge=64, description="Sentencepiece vocabulary size.")
+    max_source_length: int = Field(48, gt=0, description="Source tokens kept per example.")
+    max_target_length: int = Field(48, gt=1, description="Target tokens kept per example.")
+
+
+class MoeConfig(_Section):
+    num_experts: int = Field(8, ge=1, description="Experts per MoE layer.")
+    every: int = Field(
+        2, ge=0, description="MoE replaces every n-th feed-forward (n=2: GShard); 0 = dense model."
+    )
+    top_k: int = Field(2, ge=1, description="Experts per token (token choice); Switch is 1.")
+    router: Literal["token_choice", "noisy", "expert_choice", "hierarchical"] = Field(
+        "token_choice", description="Routing rule (see moe/routing)."
+    )
+    decoder_router: Literal["token_choice", "noisy", "expert_choice", "hierarchical"] | None = (
+        Field(None, description="Router for decoder MoE layers; default: same as `router`.")
+    )
+    capacity_factor_train: float = Field(
+        1.25, description="Capacity = ceil(cf * k * T / E) in training; <= 0: no token dropped."
+    )
+    capacity_factor_eval: float = Field(2.0, description="Capacity factor in evaluation.")
+    renormalize: bool = Field(True, description="Renormalise the k gates to sum to 1 (GShard).")
+    second_expert_policy: Literal["all", "random"] = Field(
+        "all", description="random: keep the 2nd choice with prob min(1, g2/threshold)."
+    )
+    second_expert_threshold: float = Field(0.2, gt=0.0, description="Threshold for `random`.")
+    batch_priority: bool = Field(False, description="Batch-prioritised routing (encoder only).")
+    jitter: float = Field(0.0, ge=0.0, lt=1.0, description="Multiplicative router input jitter.")
+    num_groups: int = Field(0, ge=0, description="Hierarchical MoE: number of primary groups.")
+    expert_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout inside experts.")
+    shared_expert: bool = Field(False, description="A dense FFN beside the routed experts.")
+    aux_loss_weight: float = Field(0.01, ge=0.0, description="Weight of the balance loss.")
+    z_loss_weight: float = Field(0.001, ge=0.0, description="Weight of the router z-loss.")
+    router_init_std: float = Field(0.02, gt=0.0, description="Router kernel init std.")
+
+
+class PodConfig(_Section):
+    topology: str = Field("cpu", description="Pod catalogue entry: cpu, tpu-v2..v5e, gpu-h100.")
+    slice: str | None = Field(None, description="Slice shape, e.g. 4x4 or 2x2x4; None = 1 chip.")
+
+    @field_validator("slice", mode="before")
+    @classmethod
+    def _slice_text(cls, value: Any) -> Any:
+        return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+    mesh: dict[str, int] = Field(
+        default_factory=lambda: {"data": -1, "expert": 1},
+        description="Mesh axis sizes (data, expert[, model]); -1 = the devices left over.",
+    )
+    processes: int = Field(1, ge=1, description="Processes (MPI ranks) the job is launched with.")
+
+    @model_validator(mode="after")
+    def _axes(self) -> PodConfig:
+        unknown = sorted(set(self.mesh) - {"data", "expert", "model"})
+        if unknown:
+            raise ValueError(f"unknown mesh axis {unknown[0]!r}; axes are data, expert, model")
+        if sum(1 for v in self.mesh.values() if v == -1) > 1:
+            raise ValueError("at most one mesh axis may be -1")
+        if any(v == 0 or v < -1 for v in self.mesh.values()):
+            raise ValueError("mesh axis sizes must be positive (or -1 for the rest)")
+        return self
+
+
+class TaskConfig(_Section):
+    name: str = Field(min_length=1, description="Task name used in metrics and reports.")
+    kind: Literal["lm", "translate"] = Field(description="lm or translate.")
+    source: str = Field(
+        description="gettext:<lang> | text:<path> | parallel:<src>,<tgt> | tsv:<path>."
+    )
+    weight: float = Field(1.0, gt=0.0, description="Mixture weight multiplier.")
+    max_examples: int | None = Field(None, gt=0, description="Cap on training examples.")
+
+
+class DataConfig(_Section):
+    locale_dir: str = Field("/usr/share/locale", description="Root of gettext catalogues.")
+    valid_fraction: float = Field(0.02, gt=0.0, lt=0.5, description="Held-out validation share.")
+    test_fraction: float = Field(0.02, gt=0.0, lt=0.5, description="Held-out test share.")
+    max_chars: int = Field(200, gt=0, description="Drop examples longer than this (chars).")
+    cache_dir: str = Field(".cache/moe", description="Vocabulary and token-store cache.")
+
+
+class MixtureConfig(_Section):
+    temperature: float = Field(
+        5.0, gt=0.0, description="q_i ∝ p_i^(1/T): 1 = proportional, large = uniform."
+    )
+
+
+class TrainConfig(_Section):
+    steps: int = Field(300, gt=0, description="Optimizer steps.")
+    batch_size: int = Field(32, gt=0, description="Global batch size (examples).")
+    optimizer: Literal["adam", "adamw", "adafactor"] = Field("adam", description="optax optimizer.")
+    learning_rate: float = Field(1e-3, gt=0.0, description="Peak learning rate.")
+    schedule: Literal["inverse_sqrt", "cosine", "constant"] = Field(
+        "inverse_sqrt", description="After linear warm-up."
+    )
+    warmup_steps: int = Field(100, ge=0, description="Linear warm-up steps.")
+    weight_decay: float = Field(0.0, ge=0.0, description="Decoupled weight decay (adamw).")
+    grad_clip: float = Field(1.0, ge=0.0, description="Global-norm clip; 0 = off.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches accumulated per step.")
+    seed: int = Field(0, description="Seed for init, data order and dropout.")
+    precision: Literal["float32", "bfloat16"] = Field(
+        "float32", description="Compute dtype (router and losses stay float32)."
+    )
+    log_every: int = Field(10, gt=0, description="Steps between metric lines.")
+    max_bad_steps: int = Field(
+        10, ge=1, description="Consecutive non-finite steps tolerated before stopping."
+    )
+
+
+class EvalConfig(_Section):
+    every: int = Field(100, ge=0, description="Steps between evaluations; 0 = only at the end.")
+    batches: int = Field(4, gt=0, description="Held-out batches for perplexity during training.")
+    batch_size: int = Field(32, gt=0, description="Evaluation batch size.")
+    split: Literal["valid", "test"] = Field("test", description="Split of the final report.")
+    bleu_examples: int = Field(200, ge=0, description="Examples decoded per task for BLEU.")
+    beam_size: int = Field(1, ge=1, description="1 = greedy decoding.")
+    length_penalty: float = Field(0.6, ge=0.0, description="GNMT length penalty alpha.")
+    max_decode_length: int = Field(48, gt=1, description="Longest decoded target.")
+
+
+class CheckpointConfig(_Section):
+    every: int = Field(100, ge=0, description="Steps between checkpoints; 0 = only at the end.")
+    keep: int = Field(2, ge=1, description="Newest checkpoints kept.")
+
+
+class Experiment(_Section):
+    name: str = Field("experiment", min_length=1, description="Run name: runs/<name>/.")
+    runs_dir: str = Field("runs", description="Parent directory of run directories.")
+    model: ModelConfig = ModelConfig()
+    moe: MoeConfig = MoeConfig()
+    pod: PodConfig = PodConfig()
+    tasks: list[TaskConfig] = Field(min_length=1, description="The tasks trained together.")
+    data: DataConfig = DataConfig()
+    mixture: MixtureConfig = MixtureConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> Experiment:
+        m, moe = self.model, self.moe
+        if m.d_model % m.num_heads:
+            raise ValueError(
+                f"model.d_model={m.d_model} is not divisible by model.num_heads={m.num_heads}"
+            )
+        names = [t.name for t in self.tasks]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"tasks: the name {dup[0]!r} is used twice; task names must differ")
+        if m.kind == "decoder_only" and m.encoder_layers:
+            raise ValueError(
+                "model.encoder_layers must be 0 when model.kind=decoder_only "
+                f"(got {m.encoder_layers})"
+            )
+        if m.kind == "encoder_decoder" and m.encoder_layers == 0:
+            raise ValueError("model.encoder_layers must be >= 1 when model.kind=encoder_decoder")
+        if moe.every:
+            if moe.top_k > moe.num_experts:
+                raise ValueError(f"moe.top_k={moe.top_k} exceeds moe.num_experts={moe.num_experts}")
+            decoder_router = moe.decoder_router or moe.router
+            if decoder_router == "expert_choice":
+                field = "moe.decoder_router" if moe.decoder_router else "moe.router"
+                raise ValueError(
+                    f"{field}=expert_choice looks at future tokens and cannot route a causal "
+                    "decoder; set moe.decoder_router=token_choice"
+                )
+            if "hierarchical" in (moe.router, decoder_router):
+                g = moe.num_groups
+                if g < 2 or moe.num_experts % g:
+                    raise ValueError(
+                        f"moe.router=hierarchical needs moe.num_groups >= 2 dividing "
+                        f"moe.num_experts={moe.num_experts} (got moe.num_groups={g})"
+                    )
+        if self.train.batch_size % self.train.grad_accum:
+            raise ValueError(
+                f"train.batch_size={self.train.batch_size} is not divisible by "
+                f"train.grad_accum={self.train.grad_accum}"
+            )
+        self._check_mesh()
+        return self
+
+    def _check_mesh(self) -> None:
+        devices = self.pod_devices
+        sizes = dict(self.pod.mesh)
+        known = math.prod(v for v in sizes.values() if v != -1)
+        if devices % known:
+            raise ValueError(
+                f"pod.mesh={sizes} does not divide the {devices} devices of the pod "
+                f"({self.pod.topology}:{self.pod.slice or 1})"
+            )
+        free = [k for k, v in sizes.items() if v == -1]
+        if not free and known != devices:
+            raise ValueError(
+                f"pod.mesh={sizes} uses {known} devices but the pod has {devices}; "
+                "set one axis to -1 or change pod.slice"
+            )
+        mesh = self.mesh_shape
+        if devices % self.pod.processes:
+            raise ValueError(
+                f"pod.processes={self.pod.processes} does not divide the {devices} devices"
+            )
+        ep = mesh.get("expert", 1)
+        if self.moe.every and self.moe.num_experts % ep:
+            raise ValueError(
+                f"moe.num_experts={self.moe.num_experts} is not divisible by the expert axis "
+                f"({ep}); change moe.num_experts or pod.mesh.expert"
+            )
+        shards = mesh.get("data", 1) * ep
+        micro = self.train.batch_size // self.train.grad_accum
+        if micro % shards:
+            raise ValueError(
+                f"train.batch_size={self.train.batch_size} (per micro-batch {micro}) is not "
+                f"divisible by the data x expert devices ({shards})"
+            )
+
+    @property
+    def pod_devices(self) -> int:
+        """Number of (virtual) devices the pod slice has: the product of the slice dims."""
+        if not self.pod.slice:
+            return 1
+        return math.prod(_slice_dims(self.pod.slice))
+
+    @property
+    def mesh_shape(self) -> dict[str, int]:
+        """Mesh axis sizes with -1 resolved, in the canonical order data, expert[, model]."""
+        sizes = dict(self.pod.mesh)
+        known = math.prod(v for v in sizes.values() if v != -1)
+        for k, v in sizes.items():
+            if v == -1:
+                sizes[k] = self.pod_devices // known
+        order = [a for a in ("data", "expert", "model") if a in sizes]
+        return {a: sizes[a] for a in order}
+
+
+def _slice_dims(text: str) -> list[int]:
+    try:
+        dims = [int(p) for p in str(text).lower().split("x")]
+    except ValueError:
+        raise ValueError(f"pod.slice={text!r} is not a shape like 4x4 or 2x2x4") from None
+    if not dims or any(d <= 0 for d in dims):
+        raise ValueError(f"pod.slice={text!r} must have positive dimensions")
+    return dims
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading: YAML files with `extends:`, overrides, one-line errors.
+# ----------------------------------------------------------------------------------------------
+
+
+def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Experiment:
+    """Load an experiment from a YAML file plus ``key.path=value`` overrides."""
+    path = Path(path)
+    raw = _read_yaml(path, seen=())
+    for item in overrides:
+        _apply_override(raw, item)
+    return from_dict(raw, where=str(path))
+
+
+def from_dict(raw: dict[str, Any], where: str = "config") -> Experiment:
+    """Validate a plain dict; errors name ``where`` and the key."""
+    try:
+        return Experiment.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_explain(err, raw, where)) from None
+
+
+def dump(exp: Experiment) -> str:
+    """The resolved experiment as YAML (what `moe config show` prints and runs save)."""
+    return yaml.safe_dump(exp.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    resolved = path.resolve()
+    if resolved in seen:
+        raise ConfigError(f"{path}: `extends` forms a cycle")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or "invalid YAML"
+        raise ConfigError(f"{path}{line}: {problem}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: cannot read ({err})") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys, not a list or value")
+    base = data.pop("extends", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: `extends` must be a file path")
+    parent = _read_yaml((path.parent / base), seen + (resolved,))
+    return _deep_merge(parent, data)
+
+
+def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "mesh":
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like key.path=value")
+    key, text = item.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"override {item!r}: empty key")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    node: Any = raw
+    for depth, part in enumerate(parts[:-1]):
+        where = ".".join(parts[: depth + 1])
+        if isinstance(node, list):
+            node = node[_list_index(node, part, item, where)]
+            continue
+        _check_known(parts[: depth + 1], item, rest=parts[depth + 1 :])
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict | list):
+            raise ConfigError(f"override {item!r}: {where} is not a section")
+    last = parts[-1]
+    if isinstance(node, list):
+        node[_list_index(node, last, item, key)] = value
+    else:
+        _check_known(parts, item)
+        node[last] = value
+
+
+def _list_index(node: list, part: str, item: str, where: str) -> int:
+    if not part.isdigit() or int(part) >= len(node):
+        raise ConfigError(f"override {item!r}: {where} needs an index below {len(node)}")
+    return int(part)
+
+
+def _fields_at(path: list[str]) -> dict[str, Any] | None:
+    """The pydantic fields of the section at ``path`` (skipping list indices), or None."""
+    model: Any = Experiment
+    for part in path:
+        if part.isdigit():
+            continue
+        info = model.model_fields.get(part)
+        if info is None:
+            return None
+        ann = info.annotation
+        args = getattr(ann, "__args__", ())
+        inner = next(
+            (a for a in (ann, *args) if isinstance(a, type) and issubclass(a, BaseModel)), None
+        )
+        if inner is None:
+            return {}
+        model = inner
+    return model.model_fields
+
+
+def _check_known(parts: list[str], item: str, rest: list[str] = ()) -> None:
+    fields = _fields_at(parts[:-1])
+    if not fields or parts[-1] in fields or parts[-1].isdigit():
+        return
+    raise ConfigError(f"override {item!r}: {_unknown(parts, list(fields), rest)}")
+
+
+def _unknown(parts: list[str], choices: list[str], rest: list[str] = ()) -> str:
+    """'unknown key X; did you mean Y' with Y the whole corrected path (`modle.d_model` ->
+    `model.d_model`)."""
+    key = ".".join([*parts, *rest])
+    close = difflib.get_close_matches(parts[-1], choices, n=1, cutoff=0.5)
+    hint = f"; did you mean {'.'.join([*parts[:-1], close[0], *rest])!r}" if close else ""
+    return f"unknown key {key!r}{hint}"
+
+
+def _explain(err: ValidationError, raw: dict[str, Any], where: str) -> str:
+    first = err.errors()[0]
+    loc = [str(p) for p in first["loc"]]
+    key = ".".join(loc)
+    if first["type"] == "extra_forbidden":
+        fields = _fields_at(loc[:-1]) or {}
+        section = raw.get(loc[0]) if len(loc) == 1 else None
+        rest = [str(next(iter(section)))] if isinstance(section, dict) and section else []
+        return f"{where}: {_unknown(loc, list(fields), rest)}"
+    if first["type"] == "missing":
+        return f"{where}: missing required key {key!r}"
+    message = first["msg"].removeprefix("Value error, ")
+    if not loc:
+        return f"{where}: {message}"
+    value = first.get("input")
+    shown = f" (got {value!r})" if not isinstance(value, dict | list) else ""
+    return f"{where}: {key}: {message}{shown}"

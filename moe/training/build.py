@@ -1,0 +1,116 @@
+"""The one place where the experiment config becomes model and optimizer objects."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from moe.config import Experiment
+from moe.layers.moe import MoeSpec
+from moe.layers.transformer import Transformer, TransformerSpec
+
+
+def moe_spec(exp: Experiment, router: str) -> MoeSpec:
+    m = exp.moe
+    return MoeSpec(
+        num_experts=m.num_experts,
+        top_k=m.top_k,
+        router=router,
+        capacity_factor_train=m.capacity_factor_train,
+        capacity_factor_eval=m.capacity_factor_eval,
+        renormalize=m.renormalize,
+        second_expert_policy=m.second_expert_policy,
+        second_expert_threshold=m.second_expert_threshold,
+        batch_priority=m.batch_priority,
+        jitter=m.jitter,
+        num_groups=m.num_groups,
+        expert_dropout=m.expert_dropout,
+        shared_expert=m.shared_expert,
+        router_init_std=m.router_init_std,
+        activation=exp.model.activation,
+    )
+
+
+def transformer_spec(exp: Experiment) -> TransformerSpec:
+    m, moe = exp.model, exp.moe
+    dense = moe.every == 0
+    decoder_router = moe.decoder_router or moe.router
+    return TransformerSpec(
+        kind=m.kind,
+        vocab_size=m.vocab_size,
+        d_model=m.d_model,
+        num_heads=m.num_heads,
+        encoder_layers=m.encoder_layers if m.kind == "encoder_decoder" else 0,
+        decoder_layers=m.decoder_layers,
+        d_ff=m.d_ff,
+        dropout=m.dropout,
+        activation=m.activation,
+        moe_every=moe.every,
+        encoder_moe=None if dense else moe_spec(exp, moe.router),
+        # Batch-prioritised routing reorders by confidence across the batch, which leaks future
+        # tokens in a causal decoder (ST-MoE §5): encoder only.
+        decoder_moe=None if dense else _without_batch_priority(moe_spec(exp, decoder_router)),
+        dtype=exp.train.precision,
+    )
+
+
+def _without_batch_priority(spec: MoeSpec) -> MoeSpec:
+    return dataclasses.replace(spec, batch_priority=False)
+
+
+def build_model(exp: Experiment, seed: int | None = None) -> Transformer:
+    return Transformer(
+        transformer_spec(exp), rngs=nnx.Rngs(exp.train.seed if seed is None else seed)
+    )
+
+
+def learning_rate(exp: Experiment) -> optax.Schedule:
+    t = exp.train
+    warm = max(t.warmup_steps, 1)
+    if t.schedule == "cosine":
+        return optax.warmup_cosine_decay_schedule(
+            0.0, t.learning_rate, warmup_steps=warm, decay_steps=max(t.steps, warm + 1)
+        )
+    if t.schedule == "constant":
+        return optax.join_schedules(
+            [
+                optax.linear_schedule(0.0, t.learning_rate, warm),
+                optax.constant_schedule(t.learning_rate),
+            ],
+            [warm],
+        )
+
+    def inverse_sqrt(step):  # linear warm-up, then lr * sqrt(warmup / step) (Vaswani et al.)
+        s = jnp.maximum(step.astype(jnp.float32), 1.0)
+        return t.learning_rate * jnp.minimum(s / warm, jnp.sqrt(warm / s))
+
+    return inverse_sqrt
+
+
+def build_optimizer(exp: Experiment, trainable_mask=None) -> optax.GradientTransformation:
+    """optax chain: clip -> optimizer with the schedule. ``trainable_mask`` (a pytree of bools
+    like the params) freezes the False leaves: no update and no optimizer state for them."""
+    t = exp.train
+    lr = learning_rate(exp)
+    if t.optimizer == "adam":
+        opt = optax.adam(lr, b1=0.9, b2=0.98, eps=1e-9)
+    elif t.optimizer == "adamw":
+        opt = optax.adamw(lr, b1=0.9, b2=0.98, eps=1e-9, weight_decay=t.weight_decay)
+    else:
+        opt = optax.adafactor(lr, clipping_threshold=1.0, multiply_by_parameter_scale=False)
+    parts = [optax.clip_by_global_norm(t.grad_clip)] if t.grad_clip > 0 else []
+    chain = optax.chain(*parts, opt)
+    if trainable_mask is None:
+        return chain
+    return optax.multi_transform(
+        {"train": chain, "freeze": optax.set_to_zero()},
+        lambda params: _labels(params, trainable_mask),
+    )
+
+
+def _labels(params, mask):
+    return jax.tree.map(lambda _, keep: "train" if keep else "freeze", params, mask)
