@@ -23,8 +23,10 @@ from pydantic import (
     model_validator,
 )
 
+from moe.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError):
     """A user error in a config file or override; the message is one line."""
 
 

@@ -1,0 +1,180 @@
+"""`moe` command line: train | eval | report | config | launch | pod | bench.
+
+This is the only module that reads argv and the environment. It sets up the simulated pod's
+virtual devices *before* JAX is imported, so nothing heavy is imported at module level here.
+User errors (bad config, missing files, bad data) print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from moe.errors import UserError
+
+EXIT_USER_ERROR = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="moe",
+        description="Train sparsely-gated mixture-of-experts models on JAX.",
+        epilog="Run `moe COMMAND --help` for a command's options.",
+    )
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    t = sub.add_parser(
+        "train",
+        help="train an experiment (resumes if its run directory has a checkpoint)",
+        description="Train the experiment in CONFIG. Overrides are key.path=value "
+        "(e.g. model.d_model=64 train.steps=50). The run directory is <runs_dir>/<name>/; "
+        "if it holds a checkpoint, training resumes exactly where it stopped.",
+    )
+    t.add_argument("config", help="experiment YAML file")
+    t.add_argument("overrides", nargs="*", help="key.path=value overrides")
+    t.add_argument("--run-dir", help="run directory (default: <runs_dir>/<name>)")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    e = sub.add_parser(
+        "eval",
+        help="evaluate a run's latest (or a named) checkpoint",
+        description="Evaluate RUN_DIR's checkpoint: per-task perplexity, BLEU for translation "
+        "tasks (decoded outputs in RUN_DIR/eval/), then regenerate the report.",
+    )
+    e.add_argument("run_dir")
+    e.add_argument("--step", type=int, help="checkpoint step (default: latest)")
+    e.add_argument("--split", choices=["valid", "test"], help="held-out split (default: config)")
+
+    r = sub.add_parser(
+        "report",
+        help="regenerate report.json, report.md and plots of a run",
+        description="Rebuild RUN_DIR/report.json, report.md and the PNG plots from its files.",
+    )
+    r.add_argument("run_dir")
+
+    c = sub.add_parser("config", help="inspect experiment configs")
+    csub = c.add_subparsers(dest="config_command", metavar="ACTION", required=True)
+    show = csub.add_parser(
+        "show", help="print the resolved config (extends + overrides + defaults)"
+    )
+    show.add_argument("config")
+    show.add_argument("overrides", nargs="*")
+
+    la = sub.add_parser(
+        "launch",
+        help="run `moe train` as N MPI processes (wraps the venv's mpirun)",
+        description="Start N processes with mpirun, each running `moe train CONFIG ...` on its "
+        "share of the pod's virtual devices. Equivalent to `mpirun -np N moe train CONFIG`.",
+    )
+    la.add_argument("-n", "--processes", type=int, required=True, help="number of processes")
+    la.add_argument("config")
+    la.add_argument("overrides", nargs="*")
+
+    pod = sub.add_parser("pod", help="pod slices and projected step times")
+    psub = pod.add_subparsers(dest="pod_command", metavar="ACTION", required=True)
+    plan = psub.add_parser(
+        "plan",
+        help="project the step time of CONFIG on a real slice without training",
+        description="Compile one training step for the config's mesh and project its time on "
+        "the slice (compute/memory rooflines, all-to-all and all-reduce on the torus).",
+    )
+    plan.add_argument("config")
+    plan.add_argument("overrides", nargs="*")
+    plan.add_argument("--slice", help="target slice, e.g. tpu-v4:4x4x4 (default: the config's)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except UserError as err:  # ConfigError, DataError, ...: one line, exit 2
+        return _fail(str(err))
+    except FileNotFoundError as err:
+        return _fail(f"{err.filename}: no such file or directory")
+    except KeyboardInterrupt:
+        print("moe: interrupted; the last checkpoint is kept, `moe train` resumes", file=sys.stderr)
+        return 130
+
+
+def _fail(message: str) -> int:
+    print(f"moe: error: {message.splitlines()[0] if message else 'failed'}", file=sys.stderr)
+    return EXIT_USER_ERROR
+
+
+def _load(config: str, overrides: list[str]):
+    from moe import config as cfg
+
+    return cfg.load(config, overrides)
+
+
+def _dispatch(args) -> int:
+    if args.command == "config":
+        from moe import config as cfg
+
+        print(cfg.dump(_load(args.config, args.overrides)), end="")
+        return 0
+    if args.command == "launch":
+        exp = _load(args.config, args.overrides)
+        if exp.pod_devices % args.processes:
+            raise UserError(
+                f"-n {args.processes} does not divide the pod's {exp.pod_devices} devices"
+            )
+        from moe.parallel.distributed import launch
+
+        return launch(args.processes, ["train", args.config, *args.overrides])
+    if args.command == "train":
+        exp = _load(args.config, args.overrides)
+        _start_jax(exp)
+        from moe.training.loop import train
+
+        run_dir = Path(args.run_dir) if args.run_dir else Path(exp.runs_dir) / exp.name
+        train(exp, run_dir, progress=not args.no_progress and sys.stderr.isatty())
+        return 0
+    if args.command in ("eval", "report"):
+        run_dir = Path(args.run_dir)
+        if not (run_dir / "config.yaml").is_file():
+            raise UserError(f"{run_dir} is not a run directory (no config.yaml)")
+        if args.command == "report":
+            from moe.training.report import build
+
+            build(run_dir)
+            print(f"report: {run_dir / 'report.md'}")
+            return 0
+        exp = _load(str(run_dir / "config.yaml"), [])
+        _start_jax(exp)
+        from moe.training.loop import evaluate_checkpoint
+
+        evaluate_checkpoint(exp, run_dir, step=args.step, split=args.split)
+        return 0
+    if args.command == "pod":
+        exp = _load(args.config, args.overrides)
+        _start_jax(exp)
+        from moe.pod.plan import plan
+
+        print(plan(exp, target_slice=args.slice))
+        return 0
+    raise UserError(f"unknown command {args.command}")
+
+
+def _start_jax(exp) -> None:
+    """Give this process its share of the pod's virtual devices, then join the job (MPI)."""
+    from moe.pod.simulate import ensure_virtual_devices
+
+    ranks = int(os.environ.get("OMPI_COMM_WORLD_SIZE", os.environ.get("PMI_SIZE", "1")))
+    if ranks != exp.pod.processes and ranks > 1:
+        raise UserError(
+            f"launched with {ranks} processes but pod.processes={exp.pod.processes}; "
+            f"add pod.processes={ranks}"
+        )
+    ensure_virtual_devices(exp.pod_devices // ranks)
+    if ranks > 1:
+        from moe.parallel.distributed import initialize
+
+        initialize(ranks)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
