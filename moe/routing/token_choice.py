@@ -1,0 +1,158 @@
+"""Softmax top-k token-choice routing with expert capacity (GShard top-2, Switch top-1).
+
+Each token picks its ``k`` most probable experts; each expert has ``C`` slots, filled with all
+first choices in token order, then all second choices, and so on (GShard, Lepikhin et al. 2020,
+Algorithm 1); a choice that finds its expert full is dropped and the token keeps only its
+residual for that choice. Everything runs in float32 whatever the logits dtype (Switch §2.4,
+"selective precision").
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from moe.routing import losses, stats
+from moe.routing.result import Routing
+from moe.routing.slots import fill_slots
+
+SECOND_EXPERT_POLICIES = ("all", "random")
+
+
+def capacity(num_tokens: int, num_experts: int, k: int, capacity_factor: float) -> int:
+    """Slots per expert: ``ceil(capacity_factor * k * T / E)``, clamped to ``[1, T]``.
+
+    The rule (papers §11.2 lists the disagreeing sources): Switch's ``T / E * CF`` times ``k``
+    as in GShard's ``2S/E`` for top-2, so ``capacity_factor = 1`` leaves exactly enough slots for
+    all ``k * T`` choices under perfect balance. Rounded *up* (no minimum of 4 and no rounding to
+    a multiple of 4 as in lingvo; a caller that wants those applies them). The product is rounded
+    to 9 decimals before the ceiling, so float error (1.1 * 2 * 10 / 2 = 11.000000000000002)
+    does not add a slot. ``capacity_factor <= 0`` means dropless: ``T`` slots, since an expert
+    receives each token at most once. The upper clamp to ``T`` holds for the same reason.
+
+    Args:
+      num_tokens: T, tokens routed together (one group).
+      num_experts: E.
+      k: experts per token.
+      capacity_factor: CF; <= 0 for no dropping.
+
+    Returns:
+      C, a Python int in ``[1, T]``.
+    """
+    if num_tokens < 1 or num_experts < 1 or k < 1:
+        raise ValueError(
+            f"capacity needs num_tokens, num_experts, k >= 1; got {num_tokens}, {num_experts}, {k}"
+        )
+    if capacity_factor <= 0:
+        return num_tokens
+    slots = math.ceil(round(capacity_factor * k * num_tokens / num_experts, 9))
+    return min(max(slots, 1), num_tokens)
+
+
+def _check_args(shape, k, capacity, policy, threshold, key) -> None:
+    if len(shape) != 2:
+        raise ValueError(f"logits must be [T, E]; got shape {shape}")
+    if not 1 <= k <= shape[1]:
+        raise ValueError(f"k={k} must be between 1 and the number of experts ({shape[1]})")
+    if capacity < 1:
+        raise ValueError(f"capacity={capacity} must be >= 1")
+    if policy not in SECOND_EXPERT_POLICIES:
+        raise ValueError(
+            f"second_expert_policy={policy!r}; expected one of {SECOND_EXPERT_POLICIES}"
+        )
+    if policy == "random" and (key is None or threshold <= 0):
+        raise ValueError(
+            "second_expert_policy='random' needs a jax.random key and second_expert_threshold > 0"
+        )
+
+
+def top_k(
+    logits: jax.Array,
+    *,
+    k: int,
+    capacity: int,
+    renormalize: bool = True,
+    second_expert_policy: str = "all",
+    second_expert_threshold: float = 0.2,
+    batch_priority: bool = False,
+    key: jax.Array | None = None,
+    token_mask: jax.Array | None = None,
+) -> Routing:
+    """Route each token to its top-``k`` experts under a per-expert capacity.
+
+    Rules:
+      - ``p = softmax(logits)`` over experts in float32 (Switch eq. 1); the ``k`` largest
+        probabilities are the choices, ties broken towards the lower expert index.
+      - ``renormalize=True``: gates ``g_j = p_j / sum_{j<k} p_j`` (GShard Algorithm 1,
+        ``g1 <- g1/(g1+g2)``). ``False``: raw ``p_j`` (Switch eq. 2, k=1).
+      - ``second_expert_policy="random"``: draws ``U = jax.random.uniform(key, [T, k])`` and keeps
+        choice ``j >= 1`` iff ``U[t, j] < g_j / second_expert_threshold`` (probability
+        ``min(1, g/threshold)``, Mesh-TF ``moe.py:1446-1466``; GShard §2.2 is threshold 0.5), where
+        ``g_j`` is the renormalised gate whatever ``renormalize`` says. A skipped choice takes no
+        slot (as in the lingvo / Mesh-TF code, unlike Algorithm 1's counter).
+      - Slots: all first choices, then all second choices, ...; within a rank in token order, or
+        with ``batch_priority=True`` in order of descending top-1 probability (Riquelme et al.
+        2021, V-MoE BPR; it looks at the whole group, so encoder-only, ST-MoE §5). A choice whose
+        expert already holds ``capacity`` tokens is dropped.
+      - ``aux_loss = E * sum_i f_i * P_i`` (Switch eq. 4; code form of papers §11.1) where
+        ``f_i`` counts every one of the ``k`` selected experts before capacity and before the
+        random policy, normalised to sum to 1, and ``P_i`` is the mean of ``p_i``; it is exactly
+        1.0 under perfectly uniform routing. ``z_loss = mean(logsumexp(logits)^2)`` (ST-MoE eq. 5).
+
+    Args:
+      logits: float[T, E] router logits (any float dtype).
+      k: experts per token (static).
+      capacity: slots per expert C (static), e.g. from ``capacity(...)``.
+      renormalize: divide the k gates by their sum.
+      second_expert_policy: ``"all"`` or ``"random"`` (static).
+      second_expert_threshold: threshold of the random policy.
+      batch_priority: fill slots by descending top-1 probability (static).
+      key: ``jax.random`` key, needed by the random policy.
+      token_mask: optional bool[T]; False tokens (padding) are never routed and count in no loss
+        or statistic.
+
+    Returns:
+      ``Routing`` with slot_token int32[E, C], slot_weight float32[E, C] (differentiable), the
+      unweighted losses and stats (see ``moe.routing.stats``) plus
+      ``second_expert_skipped_fraction``, the fraction of real tokens' choices 2..k skipped by
+      the random policy (0 for ``"all"``).
+    """
+    _check_args(logits.shape, k, capacity, second_expert_policy, second_expert_threshold, key)
+    logits = logits.astype(jnp.float32)
+    num_tokens, num_experts = logits.shape
+    valid = stats.valid_mask(num_tokens, token_mask)
+    probs = jax.nn.softmax(logits, axis=-1)  # [T, E]
+    top_probs, experts = jax.lax.top_k(probs, k)  # [T, k]
+    renormed = top_probs / jnp.sum(top_probs, axis=-1, keepdims=True)
+    gates = renormed if renormalize else top_probs
+    active = jnp.broadcast_to(valid[:, None], (num_tokens, k))  # [T, k]
+    if second_expert_policy == "random":
+        uniform = jax.random.uniform(key, (num_tokens, k))
+        keep = uniform < renormed / second_expert_threshold
+        active = active & keep.at[:, 0].set(True)
+    order = None
+    if batch_priority:
+        priority = jnp.where(valid, top_probs[:, 0], -jnp.inf)
+        order = jnp.argsort(-priority, stable=True)  # padding last; ties in token order
+    slots = fill_slots(
+        experts, gates, active, num_experts=num_experts, capacity=capacity, order=order
+    )
+    fraction = stats.expert_fraction(experts, valid, num_experts)
+    later_valid = jnp.sum(valid) * (k - 1)
+    skipped = later_valid - jnp.sum(active[:, 1:])
+    return Routing(
+        slot_token=slots.slot_token,
+        slot_weight=slots.slot_weight,
+        aux_loss=losses.switch_balance_loss(probs, fraction, valid),
+        z_loss=losses.router_z_loss(logits, valid),
+        stats={
+            **stats.slot_stats(slots.slot_token, slots.kept, active, valid),
+            **stats.probability_stats(probs, valid),
+            "expert_fraction": fraction,
+            "second_expert_skipped_fraction": (skipped / jnp.maximum(later_valid, 1)).astype(
+                jnp.float32
+            ),
+        },
+    )
