@@ -25,6 +25,7 @@ import gettext
 from dataclasses import dataclass
 from pathlib import Path
 
+from moe.errors import UserError
 from moe.training.fallback_corpus import FALLBACK_LANGS, fallback_pairs
 
 DEFAULT_LOCALE_ROOT = "/usr/share/locale"
@@ -32,8 +33,8 @@ KINDS = ("lm", "translate")
 _MAX_LOCATIONS = 3  # malformed locations kept for the report
 
 
-class DataError(ValueError):
-    """Bad data or a bad source spec; the message is one line naming the source."""
+class DataError(UserError):
+    """Bad data or a bad source spec (a ValueError); one line naming the source. CLI exit 2."""
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from moe.errors import UserError
 from moe.training.sources import DataError, Example, load_source, normalize
 
 _HEADER = "Content-Type: text/plain; charset=UTF-8\nPlural-Forms: nplurals=2; plural=(n != 1);\n"
@@ -157,7 +158,7 @@ def test_bad_sources_raise_a_one_line_data_error_naming_the_source(tmp_path, spe
     with pytest.raises(DataError, match=message) as err:
         load_source(spec, kind="lm" if spec.startswith("text") else "translate")
     assert str(err.value).startswith(spec) and "\n" not in str(err.value)
-    assert isinstance(err.value, ValueError)
+    assert isinstance(err.value, ValueError) and isinstance(err.value, UserError)
 
 
 def test_length_filter_drops_and_counts_long_examples(tmp_path):
