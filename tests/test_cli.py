@@ -14,7 +14,10 @@ BASE = {"name": "t", "tasks": [{"name": "a", "kind": "lm", "source": "text:x.txt
 def moe(*args, cwd=None):
     return subprocess.run(
         [sys.executable, "-m", "moe.cli", *map(str, args)],
-        capture_output=True, text=True, cwd=cwd, timeout=300,
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=300,
     )
 
 
@@ -47,14 +50,16 @@ def test_negative_step_count(config):
 
 
 def test_task_source_that_does_not_exist(config, tmp_path):
-    result = moe("train", config, f"tasks.0.source=text:{tmp_path}/missing.txt",
-                 f"runs_dir={tmp_path}/runs")
+    result = moe(
+        "train", config, f"tasks.0.source=text:{tmp_path}/missing.txt", f"runs_dir={tmp_path}/runs"
+    )
     assert_user_error(result, "missing.txt")
 
 
 def test_impossible_mesh(config):
-    assert_user_error(moe("train", config, "pod.slice=2x2", "pod.mesh={data: 3, expert: 1}"),
-                      "pod.mesh")
+    assert_user_error(
+        moe("train", config, "pod.slice=2x2", "pod.mesh={data: 3, expert: 1}"), "pod.mesh"
+    )
 
 
 def test_report_of_a_directory_that_is_not_a_run(tmp_path):

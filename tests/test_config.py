@@ -22,10 +22,15 @@ def write(tmp_path, text, name="c.yaml"):
 
 def test_defaults_fill_in_and_the_result_is_frozen(tmp_path):
     exp = cfg.load(write(tmp_path, yaml.safe_dump(BASE)))
-    assert exp.model.d_model == 128 and exp.moe.top_k == 2 and exp.mesh_shape == {
-        "data": 1,
-        "expert": 1,
-    }
+    assert (
+        exp.model.d_model == 128
+        and exp.moe.top_k == 2
+        and exp.mesh_shape
+        == {
+            "data": 1,
+            "expert": 1,
+        }
+    )
     with pytest.raises(Exception):
         exp.model.d_model = 3  # frozen
 
@@ -110,10 +115,13 @@ _subkeys = st.sampled_from(
 )
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(
-    top=st.dictionaries(_keys, st.one_of(_values, st.dictionaries(_subkeys, _values, max_size=3)),
-                        max_size=4),
+    top=st.dictionaries(
+        _keys, st.one_of(_values, st.dictionaries(_subkeys, _values, max_size=3)), max_size=4
+    ),
 )
 def test_random_bad_configs_never_raise_anything_but_a_one_line_config_error(tmp_path, top):
     raw = {**BASE, **top}
@@ -123,7 +131,9 @@ def test_random_bad_configs_never_raise_anything_but_a_one_line_config_error(tmp
         assert str(err) and "\n" not in str(err)
 
 
-@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(key=st.text(min_size=1, max_size=20), value=st.text(max_size=10))
 def test_random_overrides_never_raise_anything_but_a_config_error(tmp_path, key, value):
     path = write(tmp_path, yaml.safe_dump(BASE))

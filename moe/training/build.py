@@ -85,7 +85,7 @@ def learning_rate(exp: Experiment) -> optax.Schedule:
         )
 
     def inverse_sqrt(step):  # linear warm-up, then lr * sqrt(warmup / step) (Vaswani et al.)
-        s = jnp.maximum(step.astype(jnp.float32), 1.0)
+        s = jnp.maximum(jnp.asarray(step, jnp.float32), 1.0)
         return t.learning_rate * jnp.minimum(s / warm, jnp.sqrt(warm / s))
 
     return inverse_sqrt

@@ -146,7 +146,8 @@ def build_tasks(
             )
             for split, examples in splits.items()
         }
-        tasks.append(Task(spec.name, spec.kind, tag, tag_id, stores, spec.weight, stats))
+        heldout = {split: splits[split] for split in ("valid", "test")}
+        tasks.append(Task(spec.name, spec.kind, tag, tag_id, stores, spec.weight, stats, heldout))
     return PreparedData(tuple(tasks), vocab, tuple(notes))
 
 

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from moe import config as cfg
@@ -77,8 +76,10 @@ def train(exp: cfg.Experiment, run_dir: Path, *, progress: bool = True) -> dict[
     # --- Restore -------------------------------------------------------------------------------
     ckpt = Checkpointer(run_dir / "checkpoints", keep=exp.checkpoint.keep)
     latest = ckpt.latest_step()
+    examples_seen = np.zeros(len(data.tasks), np.int64)
     if latest is not None:
-        state, _ = ckpt.restore(latest, placement.abstract(state))
+        state, meta = ckpt.restore(latest, placement.abstract(state))
+        examples_seen += np.asarray(meta.get("examples_seen", 0), np.int64)
         say(f"moe: resuming from step {latest}")
     start = int(jax.device_get(state.step))
 
@@ -98,10 +99,9 @@ def train(exp: cfg.Experiment, run_dir: Path, *, progress: bool = True) -> dict[
     key = jax.random.key(exp.train.seed)
 
     # --- Loop ----------------------------------------------------------------------------------
-    log = MetricsLog(run_dir, data.task_names, enabled=primary)
+    log = MetricsLog(run_dir, data.task_names, enabled=primary, start_step=start)
     bar = _progress(exp.train.steps, start, progress and primary)
     t0, tokens_seen, timed_steps, timed_s = time.time(), 0, 0, 0.0
-    examples_seen = np.zeros(len(data.tasks), np.int64)
     last_step_t = time.time()
     for step in range(start, exp.train.steps):
         host = data.batcher.process_batch(step, jax.process_index(), jax.process_count())
@@ -136,11 +136,12 @@ def train(exp: cfg.Experiment, run_dir: Path, *, progress: bool = True) -> dict[
         bar.update(1)
         if exp.eval.every and done % exp.eval.every == 0 and done < exp.train.steps:
             result = run_eval.perplexities(exp, data, placement, graphdef, state.params, "valid")
+            result.pop("_expert_usage")
             log.eval(done, result)
         if exp.checkpoint.every and done % exp.checkpoint.every == 0:
             ckpt.save(done, state, {"examples_seen": examples_seen.tolist()})
     bar.close()
-    if latest is None or latest < exp.train.steps:
+    if ckpt.latest_step() != exp.train.steps:
         ckpt.save(exp.train.steps, state, {"examples_seen": examples_seen.tolist()})
     wall = time.time() - t0
 
@@ -165,9 +166,8 @@ def train(exp: cfg.Experiment, run_dir: Path, *, progress: bool = True) -> dict[
 
 
 def _final_eval(exp, run_dir, data, placement, graphdef, params, log, split) -> None:
-    step = int(jax.device_get(jnp.asarray(0)))
     result = run_eval.full(exp, run_dir, data, placement, graphdef, params, split)
-    log.eval(exp.train.steps + step, {k: v for k, v in result["tasks"].items()})
+    log.eval(exp.train.steps, result["tasks"])
     if jax.process_index() == 0:
         from moe.training.report import build as build_report
 

@@ -35,13 +35,18 @@ class Data:
         for t in self.tasks:
             row = {split: t.size(split) for split in ("train", "valid", "test")}
             if t.stats is not None:
-                row.update(malformed=t.stats.malformed, duplicates=t.stats.duplicates,
-                           too_long=t.stats.too_long, fallback_used=t.stats.fallback_used)
+                row.update(
+                    malformed=t.stats.malformed,
+                    duplicates=t.stats.duplicates,
+                    too_long=t.stats.too_long,
+                    fallback_used=t.stats.fallback_used,
+                )
             out[t.name] = row
         return out
 
-    def eval_batches(self, ti: int, split: str, batch_size: int, limit: int
-                     ) -> Iterator[dict[str, np.ndarray]]:
+    def eval_batches(
+        self, ti: int, split: str, batch_size: int, limit: int
+    ) -> Iterator[dict[str, np.ndarray]]:
         """Global batches of one task's split; padding rows have no targets (no loss)."""
         for i, batch in enumerate(self.batcher.eval_batches(ti, split, batch_size)):
             if i >= limit:
@@ -92,8 +97,10 @@ def prepare(exp: Experiment, say: Callable[..., None] = print) -> Data:
     for note in prepared.notes:
         say(f"moe: {note}")
     for task in prepared.tasks:
-        say(f"moe: task {task.name}: {task.size('train')} train / {task.size('valid')} valid / "
-            f"{task.size('test')} test examples")
+        say(
+            f"moe: task {task.name}: {task.size('train')} train / {task.size('valid')} valid / "
+            f"{task.size('test')} test examples"
+        )
     batcher = Batcher(
         prepared.tasks,
         batch_size=exp.train.batch_size,

@@ -21,6 +21,7 @@ from jax.experimental import multihost_utils
 
 from moe.training import evaluate
 from moe.training.step import LossWeights, eval_step
+from moe.training.vocab import BOS_ID, EOS_ID
 
 _EVAL_CACHE: dict[Any, Any] = {}
 
@@ -75,7 +76,7 @@ def _decoder(exp, placement, graphdef, data):
     key = ("decode", id(graphdef), id(placement))
     if key in _EVAL_CACHE:
         return _EVAL_CACHE[key]
-    bos, eos = data.vocab.bos_id, data.vocab.eos_id
+    bos, eos = BOS_ID, EOS_ID
     ev = exp.eval
 
     def run(params, src, task):

@@ -16,7 +16,7 @@ from typing import Protocol
 
 import numpy as np
 
-from moe.training.sources import SourceStats
+from moe.training.sources import Example, SourceStats
 from moe.training.vocab import BOS_ID
 
 SPLITS = ("train", "valid", "test")
@@ -46,6 +46,8 @@ class Task:
     splits: Mapping[str, Rows]
     weight: float = 1.0  # multiplies the task's share before tempering
     stats: SourceStats | None = field(default=None)
+    # Raw held-out examples ("valid", "test"), in row order: the references BLEU is scored on.
+    examples: Mapping[str, Sequence[Example]] = field(default_factory=dict)
 
     def __post_init__(self):
         if self.kind not in ("lm", "translate"):
