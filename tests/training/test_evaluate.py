@@ -142,6 +142,20 @@ def test_greedy_decode_matches_python_loop_on_random_models():
     np.testing.assert_array_equal(out, _greedy_reference(encode_fn, decode_fn, src, 5))
 
 
+def test_greedy_decode_feeds_back_the_whole_prefix():
+    """A decoder whose next token depends on every earlier token (through the prefix sum)."""
+    weights = jax.random.normal(jax.random.key(0), (8, V)).at[:, :2].set(-10.0).at[:, EOS].add(-0.5)
+
+    def decode_fn(enc, tgt):
+        return weights[(jnp.cumsum(tgt, axis=1) + enc[:, None]) % 8]  # [N, L, V]
+
+    src = jnp.arange(4)[:, None]
+    encode_fn = lambda s: s[:, 0]
+    out = evaluate.greedy_decode(encode_fn, decode_fn, src, max_len=6, bos_id=BOS, eos_id=EOS)
+    np.testing.assert_array_equal(out, _greedy_reference(encode_fn, decode_fn, src, 6))
+    assert sorted(int(np.sum(row != PAD)) for row in np.asarray(out)) == [1, 4, 4, 6]
+
+
 def test_greedy_decode_stops_calling_decoder_once_all_rows_finish():
     encode_fn, decode_fn = _bigram_model([CHAIN])
     calls = []
