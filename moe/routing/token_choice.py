@@ -107,7 +107,7 @@ def top_k(
       capacity: slots per expert C (static), e.g. from ``capacity(...)``.
       renormalize: divide the k gates by their sum.
       second_expert_policy: ``"all"`` or ``"random"`` (static).
-      second_expert_threshold: threshold of the random policy.
+      second_expert_threshold: threshold of the random policy (static: it is validated).
       batch_priority: fill slots by descending top-1 probability (static).
       key: ``jax.random`` key, needed by the random policy.
       token_mask: optional bool[T]; False tokens (padding) are never routed and count in no loss
