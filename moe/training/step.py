@@ -95,7 +95,7 @@ def train_step(
     (``bad_steps`` consecutive, ``skipped`` total); the loop stops after too many."""
     key = jax.random.fold_in(key, state.step)
     grads, metrics = grads_and_metrics(state, graphdef, batch, key, weights, num_tasks, accum)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
     updates, new_opt = optimizer.update(grads, state.opt_state, state.params)
     new_params = optax.apply_updates(state.params, updates)

@@ -1,0 +1,148 @@
+"""End to end: a real (tiny) run, exact resume, checkpoints that survive crashes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from moe import config as cfg
+from moe.training import build
+from moe.training.checkpoint import Checkpointer
+from moe.training.loop import train
+from moe.training.sharding import Placement
+
+from .conftest import tiny_config
+
+
+def final_params(exp, run_dir, step):
+    placement = Placement.for_experiment(exp)
+    _, state = placement.init_state(lambda: build.build_model(exp), build.build_optimizer(exp))
+    restored, _ = Checkpointer(run_dir / "checkpoints", keep=5).restore(
+        step, placement.abstract(state)
+    )
+    return jax.tree.leaves(jax.device_get(restored))
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ref")
+    exp = cfg.load(tiny_config(root))
+    summary = train(exp, root / "runs" / "tiny", progress=False)
+    return exp, root / "runs" / "tiny", summary
+
+
+@pytest.mark.slow
+def test_a_short_run_writes_the_whole_run_directory(reference_run):
+    exp, run_dir, summary = reference_run
+    for name in (
+        "config.yaml",
+        "metrics.jsonl",
+        "report.json",
+        "report.md",
+        "train_summary.json",
+        "eval/summary.json",
+        "eval/rev.hyp.txt",
+        "eval/rev.ref.txt",
+    ):
+        assert (run_dir / name).is_file(), name
+    assert list((run_dir / "tb").iterdir()), "TensorBoard events"
+    report = json.loads((run_dir / "report.json").read_text())
+    assert set(report["tasks"]) == {"rev", "lm"}
+    assert report["tasks"]["rev"]["bleu"] is not None and report["tasks"]["lm"]["bleu"] is None
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train_lines = [x for x in lines if x["kind"] == "train"]
+    assert [x["step"] for x in train_lines] == list(range(2, 13, 2))
+    assert set(train_lines[-1]["moe"]) == {"encoder/1", "decoder/1"}
+    assert len(train_lines[-1]["moe"]["decoder/1"]["expert_load"]) == 4
+    assert train_lines[-1]["loss"] < train_lines[0]["loss"]  # it learns
+    assert summary["examples_seen"]["rev"] + summary["examples_seen"]["lm"] == 12 * 8
+
+
+@pytest.mark.slow
+def test_interrupted_run_resumes_to_bit_identical_parameters(reference_run, tmp_path, monkeypatch):
+    exp, ref_dir, _ = reference_run
+    run_dir = tmp_path / "interrupted"
+    from moe.training import tasks
+
+    original = tasks.Batcher.process_batch
+
+    def crash_at_step_6(self, step, *args):
+        if step == 6:
+            raise KeyboardInterrupt  # the process dies after the step-4 checkpoint
+        return original(self, step, *args)
+
+    monkeypatch.setattr(tasks.Batcher, "process_batch", crash_at_step_6)
+    with pytest.raises(KeyboardInterrupt):
+        train(exp, run_dir, progress=False)
+    assert Checkpointer(run_dir / "checkpoints", keep=5).latest_step() == 4
+    monkeypatch.setattr(tasks.Batcher, "process_batch", original)
+    summary = train(exp, run_dir, progress=False)
+    assert summary["resumed_from"] == 4
+    ours, ref = final_params(exp, run_dir, 12), final_params(exp, ref_dir, 12)
+    assert len(ours) == len(ref)
+    for a, b in zip(ours, ref):
+        np.testing.assert_array_equal(a, b)
+    steps = [
+        json.loads(x)["step"]
+        for x in (run_dir / "metrics.jsonl").read_text().splitlines()
+        if json.loads(x)["kind"] == "train"
+    ]
+    assert steps == sorted(set(steps)), "no duplicated metric lines after resume"
+
+
+def test_a_half_written_checkpoint_is_ignored(reference_run, tmp_path):
+    exp, ref_dir, _ = reference_run
+    ckpt = Checkpointer(ref_dir / "checkpoints", keep=5)
+    latest = ckpt.latest_step()
+    # What a crash in the middle of orbax's save leaves behind: a temporary directory.
+    partial = ref_dir / "checkpoints" / f"{latest + 4}.orbax-checkpoint-tmp-1234"
+    partial.mkdir()
+    (partial / "garbage").write_bytes(b"\0" * 100)
+    try:
+        assert Checkpointer(ref_dir / "checkpoints", keep=5).latest_step() == latest
+        assert final_params(exp, ref_dir, latest)
+    finally:
+        import shutil
+
+        shutil.rmtree(partial)
+
+
+@pytest.mark.slow
+def test_kill_9_then_moe_train_resumes_and_finishes(tmp_path):
+    config = tiny_config(
+        tmp_path, train={"steps": 400}, checkpoint={"every": 1, "keep": 2}, eval={"every": 0}
+    )
+    cmd = [sys.executable, "-m", "moe.cli", "train", str(config)]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+    )
+    ckpts = tmp_path / "runs" / "tiny" / "checkpoints"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        done = [p for p in ckpts.glob("*") if p.name.isdigit()] if ckpts.exists() else []
+        if len(done) >= 2:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.stderr.read().decode()
+    time.sleep(0.3)  # land somewhere in a step or in the middle of a save
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    latest = Checkpointer(ckpts, keep=2).latest_step()
+    assert latest is not None and latest < 400
+    result = subprocess.run(
+        [*cmd, f"train.steps={latest + 3}", "eval.bleu_examples=0"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"resuming from step {latest}" in result.stderr
+    assert Checkpointer(ckpts, keep=2).latest_step() == latest + 3
