@@ -39,6 +39,22 @@ class Chip:
     sources: Mapping[str, str]
     step_overhead: float = 0.0  # seconds per executed program (host dispatch); CPU only
     op_overhead: float = 0.0  # seconds per executed kernel; CPU only
+    # CPU only: (footprint bytes, bytes/s) of memory-bound kernels, ascending, for caches.
+    bandwidth_curve: tuple[tuple[float, float], ...] = ()
+
+    def bandwidth_at(self, footprint: float) -> float:
+        """Memory bandwidth for a kernel touching ``footprint`` bytes (log-interpolated on
+        ``bandwidth_curve``; ``hbm_bandwidth`` when there is no curve)."""
+        curve = self.bandwidth_curve
+        if not curve:
+            return self.hbm_bandwidth
+        if footprint <= curve[0][0]:
+            return curve[0][1]
+        for (x0, y0), (x1, y1) in zip(curve, curve[1:]):
+            if footprint <= x1:
+                w = math.log(footprint / x0) / math.log(x1 / x0)
+                return math.exp((1 - w) * math.log(y0) + w * math.log(y1))
+        return curve[-1][1]
 
 
 @dataclasses.dataclass(frozen=True)
