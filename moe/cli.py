@@ -87,7 +87,13 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    # Overrides may follow options (`moe pod plan c.yaml --slice tpu-v3:4x4 moe.top_k=1`).
+    if extra and hasattr(args, "overrides") and not any(a.startswith("-") for a in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return _dispatch(args)
     except UserError as err:  # ConfigError, DataError, ...: one line, exit 2
@@ -150,11 +156,15 @@ def _dispatch(args) -> int:
         evaluate_checkpoint(exp, run_dir, step=args.step, split=args.split)
         return 0
     if args.command == "pod":
-        exp = _load(args.config, args.overrides)
+        overrides = list(args.overrides)
+        if args.slice:  # compile for the target slice's device count, same expert axis
+            topology, _, shape = args.slice.partition(":")
+            overrides += [f"pod.topology={topology}", f"pod.slice={shape}", "pod.processes=1"]
+        exp = _load(args.config, overrides)
         _start_jax(exp)
         from moe.pod.plan import plan
 
-        print(plan(exp, target_slice=args.slice))
+        print(plan(exp))
         return 0
     raise UserError(f"unknown command {args.command}")
 

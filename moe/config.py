@@ -24,6 +24,7 @@ from pydantic import (
 )
 
 from moe.errors import UserError
+from moe.pod.topology import get_slice
 
 
 class ConfigError(UserError):
@@ -50,6 +51,21 @@ class ModelConfig(_Section):
     vocab_size: int = Field(4000, ge=64, description="Sentencepiece vocabulary size.")
     max_source_length: int = Field(48, gt=0, description="Source tokens kept per example.")
     max_target_length: int = Field(48, gt=1, description="Target tokens kept per example.")
+
+
+RoutingInput = Literal["token", "task", "token+task"]
+
+
+class RoutingInputs(_Section):
+    """What the routers of each stack see (Kudugunta et al. 2021 §3.1, papers §6)."""
+
+    encoder: RoutingInput = Field(
+        "token",
+        description="token: the token's representation; task: only a learned task embedding "
+        "(Task-MoE: every token of a task uses the same experts, dropless); token+task: the "
+        "task embedding added to the token's representation.",
+    )
+    decoder: RoutingInput = Field("token", description="As `encoder`, for decoder MoE layers.")
 
 
 class MoeConfig(_Section):
@@ -81,6 +97,28 @@ class MoeConfig(_Section):
     aux_loss_weight: float = Field(0.01, ge=0.0, description="Weight of the balance loss.")
     z_loss_weight: float = Field(0.001, ge=0.0, description="Weight of the router z-loss.")
     router_init_std: float = Field(0.02, gt=0.0, description="Router kernel init std.")
+    routing_input: RoutingInputs = Field(
+        default_factory=RoutingInputs,
+        description="Router input: token | task | token+task, one for both stacks or "
+        "{encoder: ..., decoder: ...} (Task-MoE found token/task best).",
+    )
+    layer_experts: dict[str, int] = Field(
+        default_factory=dict,
+        description="Expert count of named MoE layers ('decoder/1': 2), overriding "
+        "num_experts there (written by `moe extract`).",
+    )
+    capacity_experts: int | None = Field(
+        None,
+        ge=1,
+        description="Compute capacity as if each layer had this many experts (default: its "
+        "own count); `moe grow`/`moe extract` keep the original count so old tasks drop "
+        "exactly the tokens they dropped before.",
+    )
+
+    @field_validator("routing_input", mode="before")
+    @classmethod
+    def _one_input_for_both(cls, value: Any) -> Any:
+        return {"encoder": value, "decoder": value} if isinstance(value, str) else value
 
 
 class PodConfig(_Section):
@@ -107,6 +145,7 @@ class PodConfig(_Section):
             raise ValueError("at most one mesh axis may be -1")
         if any(v == 0 or v < -1 for v in self.mesh.values()):
             raise ValueError("mesh axis sizes must be positive (or -1 for the rest)")
+        get_slice(self.topology, self.slice)  # unknown topology or slice: one clear line
         return self
 
 
@@ -116,8 +155,23 @@ class TaskConfig(_Section):
     source: str = Field(
         description="gettext:<lang> | text:<path> | parallel:<src>,<tgt> | tsv:<path>."
     )
-    weight: float = Field(1.0, gt=0.0, description="Mixture weight multiplier.")
+    weight: float = Field(
+        1.0,
+        ge=0.0,
+        description="Mixture weight multiplier; 0 = never trained on, still evaluated and in "
+        "the vocabulary (reserve a task for a later `moe grow`).",
+    )
     max_examples: int | None = Field(None, gt=0, description="Cap on training examples.")
+    experts: list[int] | dict[str, list[int]] | None = Field(
+        None,
+        description="The task's pathway: expert ids it may use in every MoE layer, or "
+        "{layer: ids} ('encoder/1', 'decoder/1'; layers not named: all experts). None = all.",
+    )
+    frozen: bool = Field(
+        False,
+        description="Freeze every parameter this task uses (its experts, its task embedding, "
+        "and all shared non-expert weights); set by `moe grow` on the old tasks.",
+    )
 
 
 class DataConfig(_Section):
@@ -225,8 +279,58 @@ class Experiment(_Section):
                 f"train.batch_size={self.train.batch_size} is not divisible by "
                 f"train.grad_accum={self.train.grad_accum}"
             )
+        if not any(t.weight > 0 for t in self.tasks):
+            raise ValueError("every task has weight 0; at least one task must be trained on")
+        self._check_pathways()
         self._check_mesh()
         return self
+
+    @property
+    def moe_layers(self) -> list[str]:
+        """Names of the MoE layers (``encoder/<i>``, ``decoder/<i>``), in model order."""
+        every = self.moe.every
+        if not every:
+            return []
+        enc = self.model.encoder_layers if self.model.kind == "encoder_decoder" else 0
+        stacks = (("encoder", enc), ("decoder", self.model.decoder_layers))
+        return [f"{s}/{i}" for s, n in stacks for i in range(n) if (i + 1) % every == 0]
+
+    def experts_in(self, layer: str) -> int:
+        """Number of experts of MoE layer ``layer`` (``moe.layer_experts`` or ``num_experts``)."""
+        return self.moe.layer_experts.get(layer, self.moe.num_experts)
+
+    def _check_pathways(self) -> None:
+        layers = self.moe_layers
+        for name in self.moe.layer_experts:
+            if name not in layers:
+                raise ValueError(
+                    f"moe.layer_experts: {name!r} is not an MoE layer; {_layers(layers)}"
+                )
+        for i, task in enumerate(self.tasks):
+            if task.experts is None:
+                continue
+            if not layers:
+                raise ValueError(f"tasks.{i}.experts is set but the model has no MoE layer")
+            if isinstance(task.experts, dict):
+                for layer, ids in task.experts.items():
+                    self._check_pathway(f"tasks.{i}.experts.{layer}", layer, ids)
+            else:
+                for layer in layers:
+                    self._check_pathway(f"tasks.{i}.experts", layer, task.experts)
+
+    def _check_pathway(self, where: str, layer: str, ids: list[int]) -> None:
+        if layer not in self.moe_layers:
+            raise ValueError(f"{where}: {layer!r} is not an MoE layer; {_layers(self.moe_layers)}")
+        e = self.experts_in(layer)
+        if not ids or len(set(ids)) != len(ids) or not all(0 <= x < e for x in ids):
+            raise ValueError(f"{where}={ids} must be distinct expert ids in [0, {e}) of {layer}")
+        router = (
+            self.moe.decoder_router if layer.startswith("decoder") else None
+        ) or self.moe.router
+        if router in ("token_choice", "noisy") and len(ids) < self.moe.top_k:
+            raise ValueError(
+                f"{where} has {len(ids)} expert(s), fewer than moe.top_k={self.moe.top_k}"
+            )
 
     def _check_mesh(self) -> None:
         devices = self.pod_devices
@@ -254,6 +358,12 @@ class Experiment(_Section):
                 f"moe.num_experts={self.moe.num_experts} is not divisible by the expert axis "
                 f"({ep}); change moe.num_experts or pod.mesh.expert"
             )
+        for layer, e in self.moe.layer_experts.items():
+            if e % ep:
+                raise ValueError(
+                    f"moe.layer_experts.{layer}={e} is not divisible by the expert axis ({ep}); "
+                    "set pod.mesh.expert=1"
+                )
         shards = mesh.get("data", 1) * ep
         micro = self.train.batch_size // self.train.grad_accum
         if micro % shards:
@@ -265,9 +375,7 @@ class Experiment(_Section):
     @property
     def pod_devices(self) -> int:
         """Number of (virtual) devices the pod slice has: the product of the slice dims."""
-        if not self.pod.slice:
-            return 1
-        return math.prod(_slice_dims(self.pod.slice))
+        return get_slice(self.pod.topology, self.pod.slice).num_chips
 
     @property
     def mesh_shape(self) -> dict[str, int]:
@@ -281,14 +389,8 @@ class Experiment(_Section):
         return {a: sizes[a] for a in order}
 
 
-def _slice_dims(text: str) -> list[int]:
-    try:
-        dims = [int(p) for p in str(text).lower().split("x")]
-    except ValueError:
-        raise ValueError(f"pod.slice={text!r} is not a shape like 4x4 or 2x2x4") from None
-    if not dims or any(d <= 0 for d in dims):
-        raise ValueError(f"pod.slice={text!r} must have positive dimensions")
-    return dims
+def _layers(layers: list[str]) -> str:
+    return f"MoE layers are {', '.join(layers)}" if layers else "the model has no MoE layer"
 
 
 # ----------------------------------------------------------------------------------------------

@@ -38,6 +38,16 @@ class Placement:
 
     def init_state(self, model_fn: Callable[[], nnx.Module], optimizer):
         """(graphdef, TrainState) with every array born with its sharding."""
+        graphdef, _ = self.abstract_state(model_fn, optimizer)
+        with jax.set_mesh(self.mesh):
+            state = jax.jit(
+                lambda: state_lib.create(model_fn(), optimizer)[1],
+                out_shardings=self.state_shardings,
+            )()
+        return graphdef, state
+
+    def abstract_state(self, model_fn: Callable[[], nnx.Module], optimizer):
+        """(graphdef, TrainState of ShapeDtypeStructs with shardings); allocates nothing."""
         abstract_model = nnx.eval_shape(model_fn)
         graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
         p_shard = param_shardings(abstract_params, self.mesh)
@@ -52,12 +62,7 @@ class Placement:
         )
         r = self.replicated
         self.state_shardings = state_lib.TrainState(r, p_shard, opt_shard, r, r)
-        with jax.set_mesh(self.mesh):
-            state = jax.jit(
-                lambda: state_lib.create(model_fn(), optimizer)[1],
-                out_shardings=self.state_shardings,
-            )()
-        return graphdef, state
+        return graphdef, self.abstract(abstract)
 
     def abstract(self, state: Any) -> Any:
         """ShapeDtypeStructs with shardings, the target for a checkpoint restore."""
@@ -98,13 +103,19 @@ class Placement:
             "mesh": {k: int(v) for k, v in self.mesh.shape.items()},
             "measured_step_ms": measured,
         }
-        try:
-            from moe.pod.plan import project_train_step
-        except ImportError:
-            return out
+        from moe.pod.plan import project_train_step
+
         batch = self.batch(data.batcher.process_batch(0, jax.process_index(), jax.process_count()))
-        out.update(project_train_step(exp, step_fn, state, batch, key))
+        out.update(project_train_step(exp, step_fn.lower(state, batch, key).compile()))
         return out
+
+    def abstract_batch(self, exp: Experiment) -> dict[str, jax.ShapeDtypeStruct]:
+        b, ls, lt = exp.train.batch_size, exp.model.max_source_length, exp.model.max_target_length
+        shapes = {"src": (b, ls), "tgt_in": (b, lt), "tgt_out": (b, lt), "task": (b,)}
+        return {
+            k: jax.ShapeDtypeStruct(v, np.int32, sharding=batch_sharding(self.mesh, len(v)))
+            for k, v in shapes.items()
+        }
 
 
 class _InMesh:

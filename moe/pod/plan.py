@@ -1,0 +1,86 @@
+"""Projected step time of an experiment's training step on a real slice (``moe pod plan`` and
+the run report's pod section), from the program compiled for the slice's number of devices."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any
+
+import jax
+
+from moe.config import Experiment
+from moe.pod.cost import calibrate_cpu, project
+from moe.pod.topology import PodSlice, get_slice
+
+
+def _cpu_slice(exp: Experiment, devices: int) -> PodSlice:
+    chip = calibrate_cpu(Path(exp.data.cache_dir) / "cpu_calibration.json")
+    return get_slice("cpu", devices).with_chip(chip)
+
+
+def project_train_step(exp: Experiment, compiled: Any) -> dict[str, Any]:
+    """Projection of one compiled train step: on this CPU host (to check the cost model against
+    the measured time) and on the configured slice."""
+    devices = jax.device_count()
+    here = project(compiled, _cpu_slice(exp, devices))
+    out: dict[str, Any] = {"projected_cpu_step_ms": 1000 * here.total_s}
+    if exp.pod.topology == "cpu":
+        target = here
+        out["target"] = f"cpu:{devices}"
+    else:
+        pod = get_slice(exp.pod.topology, exp.pod.slice)
+        target = project(compiled, pod)
+        out["target"] = pod.name
+    out["projected_step_ms"] = 1000 * target.total_s
+    out["projected_breakdown"] = {
+        "compute_ms": 1000 * target.compute_s,
+        "memory_ms": 1000 * target.memory_s,
+        "collectives_ms": 1000 * target.collective_s,
+        **{k: v for k, v in target.breakdown.items()},
+    }
+    return out
+
+
+def compile_train_step(exp: Experiment):
+    """The experiment's train step compiled (not run) for this process's devices."""
+    from moe.training import build
+    from moe.training.sharding import Placement
+    from moe.training.step import LossWeights, train_step
+
+    placement = Placement.for_experiment(exp)
+    optimizer = build.build_optimizer(exp)
+    graphdef, state = placement.abstract_state(lambda: build.build_model(exp), optimizer)
+    fn = functools.partial(
+        train_step,
+        graphdef=graphdef,
+        optimizer=optimizer,
+        weights=LossWeights(exp.moe.aux_loss_weight, exp.moe.z_loss_weight),
+        num_tasks=len(exp.tasks),
+        accum=exp.train.grad_accum,
+    )
+    step = placement.jit_train_step(fn, state)
+    return step.lower(state, placement.abstract_batch(exp), jax.random.key(0)).compile()
+
+
+def plan(exp: Experiment) -> str:
+    """A table: the projected step time of ``exp`` on its slice, and its parts."""
+    proj = project_train_step(exp, compile_train_step(exp))
+    b = proj["projected_breakdown"]
+    rows = [
+        ("slice", proj["target"]),
+        ("mesh", str(exp.mesh_shape)),
+        ("projected step (ms)", f"{proj['projected_step_ms']:.3f}"),
+        ("  compute (ms)", f"{b['compute_ms']:.3f}"),
+        ("  memory (ms)", f"{b['memory_ms']:.3f}"),
+        ("  collectives (ms)", f"{b['collectives_ms']:.3f}"),
+        ("FLOPs per device", f"{b.get('flops', 0):.3e}"),
+    ]
+    rows += [(f"  {k}", f"{v:.3e}") for k, v in sorted(b.items()) if k.endswith("_bytes")]
+    rows += [
+        (f"  {k} (ms)", f"{1000 * v:.3f}")
+        for k, v in sorted(b.items())
+        if k.endswith("_s") and k != "kernels_s"
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
