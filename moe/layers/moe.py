@@ -29,6 +29,7 @@ from flax import nnx
 from moe.layers.dense import DenseFFN
 from moe.layers.experts import ExpertBank
 from moe.layers.router import ROUTERS, Router
+from moe.parallel import expert_parallel
 from moe.routing.result import Routing
 from moe.routing.token_choice import capacity as expert_capacity
 
@@ -252,6 +253,29 @@ class MoeBlock(nnx.Module):
         batch, seq, d = x.shape
         num_tokens = batch * seq
         x_td = x.reshape(num_tokens, d)  # [T, d]
+        mesh = expert_parallel.expert_mesh()
+        if expert_parallel.can_exchange(mesh, batch, self.spec.num_experts):
+            # Expert parallelism: each (data, expert) device routes its own rows as one group
+            # and the [E, C, d] buffers travel by all_to_all (moe.parallel.expert_parallel).
+            y_td, aux = expert_parallel.block_exchange(
+                self,
+                x,
+                mesh,
+                train=train,
+                rngs=rngs,
+                token_mask=token_mask,
+                expert_mask=expert_mask,
+                router_bias=router_bias,
+            )
+        else:
+            y_td, aux = self._local(x_td, train, rngs, token_mask, expert_mask, router_bias)
+        if self.shared is not None:
+            y_td = y_td + self.shared(x_td, train=train, rngs=rngs).astype(jnp.float32)
+        return y_td.reshape(batch, seq, d).astype(x.dtype), aux
+
+    def _local(self, x_td, train, rngs, token_mask, expert_mask, router_bias):
+        """All tokens as one routing group on this program's devices -> (y_td [T, d], aux)."""
+        num_tokens = x_td.shape[0]
         flat = lambda a: None if a is None else a.reshape(num_tokens, *a.shape[2:])
         routing = self.route(
             x_td,
@@ -264,8 +288,5 @@ class MoeBlock(nnx.Module):
         buffers = dispatch(x_td, routing.slot_token).astype(self.dtype)  # [E, C, d]
         y_ecd = self.experts(buffers, train=train, rngs=rngs)  # [E, C, d]
         y_td = combine(y_ecd, routing.slot_token, routing.slot_weight, num_tokens)  # [T, d]
-        if self.shared is not None:
-            y_td = y_td + self.shared(x_td, train=train, rngs=rngs).astype(jnp.float32)
         stats = {**routing.stats, "capacity": jnp.float32(routing.capacity)}
-        aux = MoeAux(aux_loss=routing.aux_loss, z_loss=routing.z_loss, stats=stats)
-        return y_td.reshape(batch, seq, d).astype(x.dtype), aux
+        return y_td, MoeAux(aux_loss=routing.aux_loss, z_loss=routing.z_loss, stats=stats)

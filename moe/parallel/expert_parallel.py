@@ -119,14 +119,14 @@ def moe_exchange(
     Args:
       x: ``[B, ..., d]`` tokens, rows ``B`` divisible by ``data * expert``.
       mesh: mesh (or abstract mesh) with axes ``data``, ``expert`` (> 1) and maybe ``model``.
-      route: ``(x_td [T_l, d], extras_td, key) -> Routing`` for one group; closes over the
+      route: ``(x_td [T_l, d], extras_td, keys) -> Routing`` for one group; closes over the
         (replicated) router weights. ``extras_td`` is ``extras`` with its leading ``[b, ...]``
-        dims flattened like ``x``; ``key`` is None when ``key`` is None.
-      experts: ``(params_local, recv [E', N, d], key) -> [E', N, d]`` (``psum_model`` it if
+        dims flattened like ``x``; ``keys`` is ``key`` folded with the group index.
+      experts: ``(params_local, recv [E', N, d], keys) -> [E', N, d]`` (``psum_model`` it if
         the hidden dim is split over ``model``).
       expert_params: pytree of arrays with leading dim E; expert_specs: their PartitionSpecs.
       extras: pytree of per-token arrays shaped like ``x``'s leading dims (masks, router bias).
-      key: PRNG key or None; device ``g`` gets ``fold_in(key, g)`` split into (route, experts).
+      key: a PRNG key, a pytree of them, or None; group ``g`` gets each ``fold_in(k, g)``.
       dispatch, combine: default ``moe.layers.moe.dispatch`` / ``combine``.
 
     Returns:
@@ -144,15 +144,12 @@ def moe_exchange(
         num_tokens = x_l.size // x_l.shape[-1]
         x_td = x_l.reshape(num_tokens, x_l.shape[-1])  # [T_l, d]
         extras_td = jax.tree.map(lambda a: a.reshape(num_tokens, *a.shape[lead:]), extras_l)
-        k_route = k_experts = None
-        if key_l is not None:
-            k_route, k_experts = jax.random.split(
-                jax.random.fold_in(key_l, jax.lax.axis_index(axes))
-            )
-        routing = route(x_td, extras_td, k_route)
+        group = jax.lax.axis_index(axes)
+        keys = jax.tree.map(lambda k: jax.random.fold_in(k, group), key_l)
+        routing = route(x_td, extras_td, keys)
         send = dispatch(x_td, routing.slot_token)  # [E, C_l, d]
         recv = to_experts(send)  # [E', EP * C_l, d]
-        out = from_experts(experts(params_l, recv, k_experts))  # [E, C_l, d]
+        out = from_experts(experts(params_l, recv, keys))  # [E, C_l, d]
         y_td = combine(out, routing.slot_token, routing.slot_weight, num_tokens)  # [T_l, d]
         aux = ExchangeAux(
             aux_loss=jax.lax.pmean(routing.aux_loss, axes),
@@ -167,6 +164,70 @@ def moe_exchange(
     return jax.shard_map(
         body,
         mesh=mesh,
-        in_specs=(tokens, extras_specs, expert_specs, None if key is None else PartitionSpec()),
+        in_specs=(tokens, extras_specs, expert_specs, jax.tree.map(lambda _: PartitionSpec(), key)),
         out_specs=(tokens, PartitionSpec()),
     )(x, extras, expert_params, key)
+
+
+def block_exchange(
+    block: Any,
+    x: jax.Array,
+    mesh: Mesh | AbstractMesh,
+    *,
+    train: bool,
+    rngs=None,
+    **masks: jax.Array | None,
+) -> tuple[jax.Array, Any]:
+    """``moe.layers.moe.MoeBlock`` through the exchange: ``x [B, S, d] -> (y_td [T, d] float32,
+    MoeAux)``; ``masks`` are the block's ``token_mask``, ``expert_mask``, ``router_bias``.
+
+    Router rngs (jitter, noise, random policy) and expert dropout draw one key each from
+    ``rngs`` here, outside ``shard_map``; each group folds in its index.
+    """
+    from flax import nnx
+
+    from moe.layers.experts import apply_experts
+    from moe.layers.moe import MoeAux
+
+    spec, bank = block.spec, block.experts
+    extras = {k: v for k, v in masks.items() if v is not None}
+    keys = {}
+    needs_router = (
+        spec.jitter > 0
+        or spec.router == "noisy"
+        or (spec.second_expert_policy == "random" and spec.top_k > 1)
+    )
+    if train and rngs is not None and needs_router:
+        keys["router"] = rngs.router()
+    if train and rngs is not None and bank.dropout_rate > 0:
+        keys["dropout"] = rngs.dropout()
+    names = ("w_in", "b_in", "w_out", "b_out")
+    variables = {n: getattr(bank, n) for n in names}
+    params = {n: v[...] for n, v in variables.items()}
+    specs = {
+        n: logical_to_mesh(v.get_metadata().get("out_sharding"), mesh) for n, v in variables.items()
+    }
+    split_hidden = mesh.shape.get("model", 1) > 1
+
+    def route(x_td, extras_td, keys_l):
+        router_rngs = nnx.Rngs(router=keys_l["router"]) if "router" in keys_l else None
+        return block.route(x_td, train=train, rngs=router_rngs, **extras_td)
+
+    def experts(p, recv, keys_l):
+        b_out = jnp.zeros_like(p["b_out"]) if split_hidden else p["b_out"]
+        y = apply_experts(
+            p["w_in"], p["b_in"], p["w_out"], b_out, recv,
+            activation=bank.activation, dtype=bank.dtype, dropout=bank.dropout_rate,
+            dropout_key=keys_l.get("dropout"),
+        )  # fmt: skip
+        if split_hidden:  # partial sums over the hidden units of this model shard
+            y = psum_model(y) + p["b_out"].astype(y.dtype)[:, None, :]
+        return y
+
+    y, aux = moe_exchange(
+        x, mesh=mesh, route=route, experts=experts, expert_params=params,
+        expert_specs=specs, extras=extras, key=keys,
+    )  # fmt: skip
+    stats = {**aux.stats, "capacity": aux.capacity}
+    y_td = y.reshape(-1, y.shape[-1])  # [T, d]
+    return y_td, MoeAux(aux_loss=aux.aux_loss, z_loss=aux.z_loss, stats=stats)

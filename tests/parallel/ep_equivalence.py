@@ -1,6 +1,6 @@
 """Run by test_expert_parallel.py in a subprocess with 8 virtual CPU devices.
 
-Compares ``moe_exchange`` on meshes (data, expert) = (8,1), (4,2), (2,4), (1,8) with a slow
+Compares ``moe_exchange`` on meshes (data, expert[, model]) with a slow
 reference that routes each device's group of rows alone on one device (a Python loop over
 groups), for token choice and expert choice: outputs, aux losses and gradients. Prints one JSON
 line: {case: max abs error}.
@@ -62,7 +62,7 @@ def reference(x, w_gate, params, kind, groups, key):
     ys, aux, z = [], [], []
     for g in range(groups):
         x_td = x[g * rows : (g + 1) * rows].reshape(-1, D_MODEL)  # [T_l, d]
-        k = jax.random.split(jax.random.fold_in(key, g))[0]
+        k = jax.random.fold_in(key, g)
         r = route(x_td, None, k)
         y = experts_fn(params, dispatch(x_td, r.slot_token), None)  # [E, C, d]
         ys.append(combine(y, r.slot_token, r.slot_weight, x_td.shape[0]).reshape(rows, S, -1))
@@ -99,8 +99,9 @@ def value_and_grads(fn, r):
     return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True))
 
 
-MESHES = {"token_choice": ("8x1", "4x2", "2x4", "1x8"), "expert_choice": ("4x2", "1x8")}
-MESHES["random"] = ("2x4",)
+# The block-level test (block_equivalence.py) covers every mesh shape; these check the pure
+# exchange function on its own, with a route/experts pair written out here.
+MESHES = {"token_choice": ("1x8",), "expert_choice": ("4x2",), "random": ("2x4",)}
 MESHES["model"] = ("2x2x2",)
 
 

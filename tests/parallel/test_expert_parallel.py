@@ -16,16 +16,7 @@ from jax.sharding import AbstractMesh
 from moe.parallel.expert_parallel import can_exchange, expert_mesh, token_groups
 
 SCRIPT = Path(__file__).with_name("ep_equivalence.py")
-CASES = [
-    "token_choice/8x1",
-    "token_choice/4x2",
-    "token_choice/2x4",
-    "token_choice/1x8",
-    "expert_choice/4x2",
-    "expert_choice/1x8",
-    "random/2x4",
-    "model/2x2x2",
-]
+CASES = ["token_choice/1x8", "expert_choice/4x2", "random/2x4", "model/2x2x2"]
 
 
 @pytest.fixture(scope="module")
