@@ -87,6 +87,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
     # Overrides may follow options (`moe pod plan c.yaml --slice tpu-v3:4x4 moe.top_k=1`).
@@ -95,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
-        return _dispatch(args)
+        return _dispatch(args, argv)
     except UserError as err:  # ConfigError, DataError, ...: one line, exit 2
         return _fail(str(err))
     except FileNotFoundError as err:
@@ -116,7 +117,7 @@ def _load(config: str, overrides: list[str]):
     return cfg.load(config, overrides)
 
 
-def _dispatch(args) -> int:
+def _dispatch(args, argv: list[str]) -> int:
     if args.command == "config":
         from moe import config as cfg
 
@@ -130,9 +131,16 @@ def _dispatch(args) -> int:
             )
         from moe.parallel.distributed import launch
 
-        return launch(args.processes, ["train", args.config, *args.overrides])
+        n = args.processes
+        return launch(n, ["train", args.config, *args.overrides, f"pod.processes={n}"])
     if args.command == "train":
         exp = _load(args.config, args.overrides)
+        if exp.pod.processes > 1 and _launched_ranks() == 1:
+            # pod.processes > 1 outside mpirun: start the ranks ourselves (= moe launch).
+            from moe.parallel.distributed import launch
+
+            print(f"moe: launching {exp.pod.processes} processes with mpirun", file=sys.stderr)
+            return launch(exp.pod.processes, argv)
         _start_jax(exp)
         from moe.training.loop import train
 
@@ -173,7 +181,7 @@ def _start_jax(exp) -> None:
     """Give this process its share of the pod's virtual devices, then join the job (MPI)."""
     from moe.pod.simulate import ensure_virtual_devices
 
-    ranks = int(os.environ.get("OMPI_COMM_WORLD_SIZE", os.environ.get("PMI_SIZE", "1")))
+    ranks = _launched_ranks()
     if ranks != exp.pod.processes and ranks > 1:
         raise UserError(
             f"launched with {ranks} processes but pod.processes={exp.pod.processes}; "
@@ -184,6 +192,13 @@ def _start_jax(exp) -> None:
         from moe.parallel.distributed import initialize
 
         initialize(ranks)
+
+
+
+def _launched_ranks() -> int:
+    from moe.parallel.distributed import launched_ranks
+
+    return launched_ranks(os.environ)
 
 
 if __name__ == "__main__":

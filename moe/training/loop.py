@@ -127,6 +127,11 @@ def train(exp: cfg.Experiment, run_dir: Path, *, progress: bool = True) -> dict[
             )
             last_step_t = now
             bar.set_postfix(loss=f"{float(m['loss']):.3f}", tok_s=f"{rate:,.0f}")
+            if isinstance(bar, _NoBar) and done % _every_tenth(exp) == 0:
+                say(
+                    f"moe: step {done}/{exp.train.steps} loss {float(m['loss']):.3f} "
+                    f"{rate:,.0f} tokens/s"
+                )
             if int(jax.device_get(state.bad_steps)) > exp.train.max_bad_steps:
                 raise RunError(
                     f"loss or gradients non-finite for {exp.train.max_bad_steps}+ consecutive "
@@ -191,6 +196,12 @@ def evaluate_checkpoint(exp: cfg.Experiment, run_dir: Path, *, step=None, split=
     log = MetricsLog(run_dir, data.task_names, enabled=jax.process_index() == 0)
     _final_eval(exp, run_dir, data, placement, graphdef, state.params, log, split or exp.eval.split)
     log.close()
+
+
+def _every_tenth(exp: cfg.Experiment) -> int:
+    """Log-step multiple closest to a tenth of the run, for plain progress lines."""
+    every = exp.train.log_every
+    return max(every, (exp.train.steps // 10) // every * every)
 
 
 class _NoBar:
