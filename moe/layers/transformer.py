@@ -3,6 +3,12 @@
 Pre-LayerNorm blocks, sinusoidal positions, one token embedding shared by the encoder, decoder
 and output projection. ``Transformer.__call__`` returns float32 logits and a dict of per-layer
 ``MoeAux`` (aux/z losses and routing stats), keyed ``encoder/<i>`` / ``decoder/<i>``.
+
+Task pathways (docs/ARCHITECTURE.md §Pathways): every call gets ``task int32[B]``. An MoE layer
+may restrict each task to a set of experts (``TransformerSpec.pathways``, a static mask: the
+block masks the other experts' router logits and gives them none of the task's tokens), and the
+routers may see a learned task embedding ``task_embed [num_tasks, d]``: added to the token
+(``token+task``) or alone (``task``, Task-MoE; Kudugunta et al. 2021).
 """
 
 from __future__ import annotations
@@ -16,8 +22,10 @@ from flax import nnx
 from moe.layers.attention import Attention, causal_mask, padding_mask
 from moe.layers.dense import DenseFFN
 from moe.layers.moe import MoeBlock, MoeSpec
+from moe.layers.task_moe import TaskRoutedMoeBlock
 
 PAD_ID = 0
+ROUTING_INPUTS = ("token", "task", "token+task")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,15 +45,52 @@ class TransformerSpec:
     encoder_moe: MoeSpec | None = None
     decoder_moe: MoeSpec | None = None
     dtype: str = "float32"
+    num_tasks: int = 1
+    # Router input of the (encoder, decoder) MoE layers: one of ROUTING_INPUTS.
+    routing_input: tuple[str, str] = ("token", "token")
+    # (layer, mask) pairs, mask[task][expert] True where the task may use the expert; layers not
+    # listed let every task use every expert.
+    pathways: tuple[tuple[str, tuple[tuple[bool, ...], ...]], ...] = ()
+    # (layer, E) pairs overriding the MoE spec's num_experts in that layer (extracted models).
+    layer_experts: tuple[tuple[str, int], ...] = ()
+
+    def __post_init__(self):
+        for mode in self.routing_input:
+            if mode not in ROUTING_INPUTS:
+                raise ValueError(f"routing_input {mode!r} is not one of {ROUTING_INPUTS}")
+        for layer, mask in self.pathways:
+            if len(mask) != self.num_tasks:
+                raise ValueError(f"pathway of {layer} has {len(mask)} rows, not {self.num_tasks}")
 
     def is_moe_layer(self, i: int) -> bool:
         return self.moe_every > 0 and (i + 1) % self.moe_every == 0
+
+    @property
+    def uses_task_embedding(self) -> bool:
+        return self.moe_every > 0 and any(m != "token" for m in self.routing_input)
+
+    def layer_moe(self, stack: str, i: int) -> MoeSpec | None:
+        """The MoE spec of block ``i`` of ``stack`` ('encoder' | 'decoder'), None if dense."""
+        base = self.encoder_moe if stack == "encoder" else self.decoder_moe
+        if base is None or not self.is_moe_layer(i):
+            return None
+        experts = dict(self.layer_experts).get(f"{stack}/{i}")
+        return base if experts is None else dataclasses.replace(base, num_experts=experts)
 
 
 class Block(nnx.Module):
     """x + SelfAttn(LN x) [+ CrossAttn(LN x, enc)] + FFN-or-MoE(LN x)."""
 
-    def __init__(self, spec: TransformerSpec, *, cross: bool, moe: MoeSpec | None, causal, rngs):
+    def __init__(
+        self,
+        spec: TransformerSpec,
+        *,
+        cross: bool,
+        moe: MoeSpec | None,
+        causal,
+        rngs,
+        task_routed: bool = False,
+    ):
         d, dt = spec.d_model, jnp.dtype(spec.dtype)
         self.dropout = spec.dropout
         self.ln_self = nnx.LayerNorm(d, rngs=rngs)
@@ -59,7 +104,8 @@ class Block(nnx.Module):
         self.ln_ffn = nnx.LayerNorm(d, rngs=rngs)
         self.is_moe = moe is not None
         if moe is not None:
-            self.ffn = MoeBlock(d, spec.d_ff, moe, causal=causal, dtype=dt, rngs=rngs)
+            block = TaskRoutedMoeBlock if task_routed else MoeBlock
+            self.ffn = block(d, spec.d_ff, moe, causal=causal, dtype=dt, rngs=rngs)
         else:
             self.ffn = DenseFFN(
                 d, spec.d_ff, activation=spec.activation, dropout=spec.dropout, dtype=dt, rngs=rngs
@@ -86,6 +132,11 @@ class Block(nnx.Module):
         return x, aux
 
 
+def mask_width(mask: tuple[tuple[bool, ...], ...]) -> int:
+    """Number of experts E of a pathway mask ``[num_tasks][E]``."""
+    return len(mask[0])
+
+
 def sinusoidal(length: int, d: int) -> jax.Array:
     """float32[L, d] sinusoidal position encodings (Vaswani et al. 2017 §3.5)."""
     pos = jnp.arange(length, dtype=jnp.float32)[:, None]
@@ -103,14 +154,16 @@ class Transformer(nnx.Module):
             init(rngs.params(), (spec.vocab_size, d), jnp.float32), out_sharding=("vocab", "embed")
         )
         enc_layers = spec.encoder_layers if spec.kind == "encoder_decoder" else 0
+        enc_task, dec_task = (m == "task" for m in spec.routing_input)
         self.encoder = nnx.List(
             [
                 Block(
                     spec,
                     cross=False,
-                    moe=spec.encoder_moe if spec.is_moe_layer(i) else None,
+                    moe=spec.layer_moe("encoder", i),
                     causal=False,
                     rngs=rngs,
+                    task_routed=enc_task,
                 )
                 for i in range(enc_layers)
             ]
@@ -121,16 +174,43 @@ class Transformer(nnx.Module):
                 Block(
                     spec,
                     cross=enc_layers > 0,
-                    moe=spec.decoder_moe if spec.is_moe_layer(i) else None,
+                    moe=spec.layer_moe("decoder", i),
                     causal=True,
                     rngs=rngs,
+                    task_routed=dec_task,
                 )
                 for i in range(spec.decoder_layers)
             ]
         )
         self.dec_norm = nnx.LayerNorm(d, rngs=rngs)
+        # Drawn last, so models without task routing initialise exactly as before.
+        self.task_embed = (
+            nnx.Param(
+                nnx.initializers.normal(stddev=1.0)(
+                    rngs.params(), (spec.num_tasks, d), jnp.float32
+                ),
+                out_sharding=(None, "embed"),
+            )
+            if spec.uses_task_embedding
+            else None
+        )
 
     # -- pieces ------------------------------------------------------------------------------
+    def _moe_kw(self, stack: str, i: int, task, shape) -> dict:
+        """Pathway mask and task router input of MoE block ``i`` for tokens of ``shape [B, S]``
+        whose rows belong to tasks ``task int32[B]``."""
+        if not (self.encoder if stack == "encoder" else self.decoder)[i].is_moe:
+            return {}
+        kw = {}
+        mask = dict(self.spec.pathways).get(f"{stack}/{i}")
+        if mask is not None:
+            allowed_te = jnp.asarray(mask, bool)[task]  # [B, E]
+            kw["expert_mask"] = jnp.broadcast_to(allowed_te[:, None, :], (*shape, mask_width(mask)))
+        if self.spec.routing_input[stack == "decoder"] != "token":
+            emb = jnp.take(self.task_embed[...], task, axis=0)  # [B, d]
+            kw["router_bias"] = jnp.broadcast_to(emb[:, None, :], (*shape, emb.shape[-1]))
+        return kw
+
     def _embed(self, tokens):
         d = self.spec.d_model
         x = jnp.take(self.embed[...], tokens, axis=0) * jnp.sqrt(jnp.float32(d))  # [B, L, d]
@@ -145,7 +225,8 @@ class Transformer(nnx.Module):
         x = self._embed(src)
         mask = padding_mask(valid)
         for i, block in enumerate(self.encoder):
-            x, a = block(x, mask, valid=valid, train=train, rngs=rngs, moe_kw={})
+            kw = self._moe_kw("encoder", i, task, src.shape)
+            x, a = block(x, mask, valid=valid, train=train, rngs=rngs, moe_kw=kw)
             if a is not None:
                 aux[f"encoder/{i}"] = a
         return self.enc_norm(x), valid, aux
@@ -173,7 +254,7 @@ class Transformer(nnx.Module):
                 cross_mask=cross,
                 train=train,
                 rngs=rngs,
-                moe_kw={},
+                moe_kw=self._moe_kw("decoder", i, task, valid.shape),
             )
             if a is not None:
                 aux[f"decoder/{i}"] = a

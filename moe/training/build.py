@@ -11,17 +11,23 @@ from flax import nnx
 
 from moe.config import Experiment
 from moe.layers.moe import MoeSpec
+from moe.layers.task_moe import PathwayMoeSpec
 from moe.layers.transformer import Transformer, TransformerSpec
+from moe.training import pathways
+from moe.training.freeze import train_only
 
 
-def moe_spec(exp: Experiment, router: str) -> MoeSpec:
+def moe_spec(exp: Experiment, router: str, routing_input: str = "token") -> MoeSpec:
+    """The MoE spec of one stack. Task-routed layers are dropless: every token of a task goes
+    to the same k experts, so a capacity would drop most of a one-task batch."""
     m = exp.moe
-    return MoeSpec(
+    dropless = routing_input == "task"
+    spec = MoeSpec(
         num_experts=m.num_experts,
         top_k=m.top_k,
         router=router,
-        capacity_factor_train=m.capacity_factor_train,
-        capacity_factor_eval=m.capacity_factor_eval,
+        capacity_factor_train=0.0 if dropless else m.capacity_factor_train,
+        capacity_factor_eval=0.0 if dropless else m.capacity_factor_eval,
         renormalize=m.renormalize,
         second_expert_policy=m.second_expert_policy,
         second_expert_threshold=m.second_expert_threshold,
@@ -33,6 +39,9 @@ def moe_spec(exp: Experiment, router: str) -> MoeSpec:
         router_init_std=m.router_init_std,
         activation=exp.model.activation,
     )
+    if m.capacity_experts is None:
+        return spec
+    return PathwayMoeSpec(**dataclasses.asdict(spec), capacity_experts=m.capacity_experts)
 
 
 def transformer_spec(exp: Experiment) -> TransformerSpec:
@@ -50,11 +59,17 @@ def transformer_spec(exp: Experiment) -> TransformerSpec:
         dropout=m.dropout,
         activation=m.activation,
         moe_every=moe.every,
-        encoder_moe=None if dense else moe_spec(exp, moe.router),
+        encoder_moe=None if dense else moe_spec(exp, moe.router, moe.routing_input.encoder),
         # Batch-prioritised routing reorders by confidence across the batch, which leaks future
         # tokens in a causal decoder (ST-MoE §5): encoder only.
-        decoder_moe=None if dense else _without_batch_priority(moe_spec(exp, decoder_router)),
+        decoder_moe=None
+        if dense
+        else _without_batch_priority(moe_spec(exp, decoder_router, moe.routing_input.decoder)),
         dtype=exp.train.precision,
+        num_tasks=len(exp.tasks),
+        routing_input=(moe.routing_input.encoder, moe.routing_input.decoder),
+        pathways=tuple(sorted(pathways.masks(exp).items())),
+        layer_experts=tuple(sorted(moe.layer_experts.items())),
     )
 
 
@@ -92,8 +107,12 @@ def learning_rate(exp: Experiment) -> optax.Schedule:
 
 
 def build_optimizer(exp: Experiment, trainable_mask=None) -> optax.GradientTransformation:
-    """optax chain: clip -> optimizer with the schedule. ``trainable_mask`` (a pytree of bools
-    like the params) freezes the False leaves: no update and no optimizer state for them."""
+    """optax chain: clip -> optimizer with the schedule.
+
+    Freezing: with frozen tasks in ``exp`` (a grown model), only the rows the unfrozen tasks
+    own train (``pathways.selector``; ``freeze.train_only``: no optimizer state and bit-exact
+    zero updates for the rest, clipping over the trainable gradients). ``trainable_mask`` (a
+    pytree of bools like the params) instead freezes the False leaves whole."""
     t = exp.train
     lr = learning_rate(exp)
     if t.optimizer == "adam":
@@ -104,13 +123,9 @@ def build_optimizer(exp: Experiment, trainable_mask=None) -> optax.GradientTrans
         opt = optax.adafactor(lr, clipping_threshold=1.0, multiply_by_parameter_scale=False)
     parts = [optax.clip_by_global_norm(t.grad_clip)] if t.grad_clip > 0 else []
     chain = optax.chain(*parts, opt)
-    if trainable_mask is None:
-        return chain
-    return optax.multi_transform(
-        {"train": chain, "freeze": optax.set_to_zero()},
-        lambda params: _labels(params, trainable_mask),
-    )
-
-
-def _labels(params, mask):
-    return jax.tree.map(lambda _, keep: "train" if keep else "freeze", params, mask)
+    if trainable_mask is not None:
+        leaves = jax.tree_util.tree_leaves_with_path(trainable_mask)
+        keep = {jax.tree_util.keystr(path): bool(v) for path, v in leaves}
+        return train_only(chain, lambda path, _: keep[jax.tree_util.keystr(path)])
+    select = pathways.selector(exp)
+    return chain if select is None else train_only(chain, select)
