@@ -23,20 +23,20 @@
   collective is a memory copy of ``n * B`` bytes at the host's copy bandwidth plus a fixed
   synchronisation cost (``link_latency``).
 - CPU host only: the ``n`` virtual devices share the host, so per-device work is multiplied by
-  ``n``, and each kernel launch costs ``op_overhead``, each program ``step_overhead``
-  (figures from :func:`calibrate_cpu`).
+  ``n`` over host-wide rates, each kernel costs ``op_overhead``, each program
+  ``step_overhead``; all measured with ``n`` devices running at once (``pod/calibrate.py``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import time
-from pathlib import Path
 from typing import Any
 
+from moe.pod.calibrate import calibrate_cpu
 from moe.pod.hlo import Collective, ProgramCost, program_cost
-from moe.pod.topology import CPU_NOMINAL, Chip, PodSlice, device_coords
+from moe.pod.topology import PodSlice, device_coords
+
+__all__ = ["Projection", "calibrate_cpu", "collective_time", "group_extent", "project"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,7 +108,8 @@ def _host_time(c: Collective, pod: PodSlice) -> float:
     n = c.group_size * c.num_groups
     if c.group_size <= 1:
         return 0.0
-    return n * c.bytes / pod.chip.link_bandwidth + pod.chip.link_latency
+    chip = pod.chip.for_devices(pod.num_chips)
+    return n * c.bytes / chip.link_bandwidth + chip.link_latency
 
 
 def collective_time(c: Collective, pod: PodSlice) -> float:
@@ -132,8 +133,8 @@ def project(compiled_or_cost: Any, pod: PodSlice) -> Projection:
             f"the program was compiled for {cost.num_devices} device(s) but {pod.name} has "
             f"{pod.num_chips} chips; compile it on a mesh of that many (virtual) devices"
         )
-    chip = pod.chip
     host = pod.kind.interconnect == "host"
+    chip = pod.chip.for_devices(pod.num_chips) if host else pod.chip
     share = pod.num_chips if host else 1  # virtual devices take turns on the host
     compute = cost.flops * share / chip.peak_flops
     if host:  # matmuls are compute-bound; other kernels stream at their cache level's rate
@@ -148,91 +149,10 @@ def project(compiled_or_cost: Any, pod: PodSlice) -> Projection:
         collective += t
         parts[f"{c.kind}_s"] = parts.get(f"{c.kind}_s", 0.0) + t
         parts[f"{c.kind}_bytes"] = parts.get(f"{c.kind}_bytes", 0.0) + c.bytes
-    if host:
-        kernels = cost.num_kernels * share * chip.op_overhead + chip.step_overhead
+    if host:  # op_overhead is per kernel of one device's program, devices sharing the host
+        kernels = cost.num_kernels * chip.op_overhead + chip.step_overhead
         parts["kernels_s"] = kernels
         total = compute + memory + collective + kernels
     else:
         total = max(compute, memory) + collective
     return Projection(compute, memory, collective, total, parts)
-
-
-def _best_time(fn, *args, repeats: int = 5) -> float:
-    fn(*args).block_until_ready()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn(*args).block_until_ready()
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
-def measure_cpu() -> dict[str, float]:
-    """Measure this host in about two seconds (JAX on its CPU devices, float32).
-
-    peak_flops: a 512^3 matmul. bandwidth_curve: bytes read + written per second by an
-    elementwise op on 64 KiB .. 64 MiB arrays (caches, then DRAM; ``hbm_bandwidth`` is the
-    last point), less the call overhead. link_bandwidth: a 64 MiB copy. op_overhead: per extra
-    kernel in a chain of tiny unfusable ops. step_overhead: one call of a trivial program.
-    """
-    import jax
-    import jax.numpy as jnp
-
-    dev = jax.devices("cpu")[0]
-    n = 512
-    a = jax.device_put(jnp.ones((n, n), jnp.float32), dev)
-    matmul = jax.jit(lambda a: a @ a)
-    flops = 2 * n**3 / _best_time(matmul, a)
-    tiny = jax.device_put(jnp.ones((4, 4), jnp.float32), dev)
-    step = _best_time(jax.jit(lambda x: x + 1), tiny, repeats=50)
-    scale = jax.jit(lambda x: x * 2.0 + 1.0)
-    curve = []
-    for mib in (0.0625, 0.25, 1, 4, 16, 64):
-        x = jax.device_put(jnp.ones((int(mib * 2**18),), jnp.float32), dev)
-        accessed = 2 * x.nbytes  # read + write
-        seconds = _best_time(scale, x, repeats=3 if mib > 8 else 20) - step
-        curve.append([accessed, accessed / max(seconds, 1e-7)])
-    big = x
-    copy = jax.jit(lambda x: jnp.copy(x)[::-1])
-    copy_bw = 2 * big.nbytes / _best_time(copy, big)
-
-    def chain(x, k):
-        for _ in range(k):
-            x = jnp.tanh(x @ x)  # a dot cannot fuse with the next dot
-        return x
-
-    one, many = jax.jit(lambda x: chain(x, 1)), jax.jit(lambda x: chain(x, 41))
-    per_op = max((_best_time(many, tiny, repeats=20) - _best_time(one, tiny, repeats=20)) / 80, 0)
-    return {
-        "peak_flops": flops,
-        "hbm_bandwidth": curve[-1][1],
-        "bandwidth_curve": curve,
-        "link_bandwidth": copy_bw,
-        "op_overhead": per_op,
-        "step_overhead": step,
-    }
-
-
-def calibrate_cpu(cache: str | Path | None = None, *, refresh: bool = False) -> Chip:
-    """The CPU host's ``Chip`` with measured figures, cached as JSON at ``cache``."""
-    path = Path(cache) if cache else None
-    if path is not None and path.is_file() and not refresh:
-        figures = json.loads(path.read_text())
-    else:
-        figures = measure_cpu()
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(figures, indent=2))
-    sources = {k: "measured on this host by moe.pod.cost.measure_cpu" for k in figures}
-    return dataclasses.replace(
-        CPU_NOMINAL,
-        name="CPU host (calibrated)",
-        peak_flops=figures["peak_flops"],
-        hbm_bandwidth=figures["hbm_bandwidth"],
-        link_bandwidth=figures["link_bandwidth"],
-        op_overhead=figures["op_overhead"],
-        step_overhead=figures["step_overhead"],
-        bandwidth_curve=tuple((float(a), float(b)) for a, b in figures["bandwidth_curve"]),
-        link_latency=figures.get("link_latency", CPU_NOMINAL.link_latency),
-        sources=sources,
-    )

@@ -41,6 +41,19 @@ class Chip:
     op_overhead: float = 0.0  # seconds per executed kernel; CPU only
     # CPU only: (footprint bytes, bytes/s) of memory-bound kernels, ascending, for caches.
     bandwidth_curve: tuple[tuple[float, float], ...] = ()
+    # CPU only: (devices at once, Chip) measured variants, see ``for_devices``.
+    variants: tuple[tuple[int, Chip], ...] = ()
+
+    def for_devices(self, n: int) -> Chip:
+        """The measured variant for ``n`` devices sharing the host: the 1-device one for
+        ``n == 1``, else the one measured with the most devices; ``self`` if none."""
+        if not self.variants:
+            return self
+        if n == 1:
+            ones = [c for k, c in self.variants if k == 1]
+            if ones:
+                return ones[0]
+        return max(self.variants, key=lambda kc: kc[0])[1]
 
     def bandwidth_at(self, footprint: float) -> float:
         """Memory bandwidth for a kernel touching ``footprint`` bytes (log-interpolated on

@@ -106,7 +106,7 @@ def test_cpu_host_shares_work_and_counts_kernels():
     p = project(program(flops=1e9, devices=8, kernels=kernels), pod)
     assert p.compute_s == pytest.approx(8 * 1e9 / chip.peak_flops)
     assert p.memory_s == pytest.approx(8 * 1000 / chip.hbm_bandwidth)  # matmul not streamed
-    want = p.compute_s + p.memory_s + 16 * chip.op_overhead + chip.step_overhead
+    want = p.compute_s + p.memory_s + 2 * chip.op_overhead + chip.step_overhead
     assert p.total_s == pytest.approx(want)
 
 
@@ -159,7 +159,7 @@ def test_exchange_program_has_one_all_to_all_of_the_send_buffer():
 
 
 def test_calibration_is_measured_once_and_cached(tmp_path):
-    from moe.pod.cost import calibrate_cpu
+    from moe.pod.calibrate import calibrate_cpu
 
     path = tmp_path / "cpu.json"
     first = calibrate_cpu(path)
@@ -167,5 +167,23 @@ def test_calibration_is_measured_once_and_cached(tmp_path):
     again = calibrate_cpu(path)
     assert again == first
     assert first.peak_flops > 1e8 and first.hbm_bandwidth > 1e8
-    assert len(first.bandwidth_curve) == 6 and first.step_overhead > 0
+    footprints = [f for f, _ in first.bandwidth_curve]
+    assert len(footprints) >= 4 and footprints == sorted(set(footprints))
+    assert first.step_overhead > 0
     assert all("measured" in s for s in first.sources.values())
+    assert first.for_devices(1).peak_flops == first.peak_flops
+    assert [k for k, _ in first.variants] == [1]
+
+
+def test_host_variant_is_chosen_by_device_count():
+    import dataclasses
+
+    base = get_slice("cpu").chip
+    one = dataclasses.replace(base, peak_flops=1.0)
+    many = dataclasses.replace(base, peak_flops=8.0)
+    chip = dataclasses.replace(base, variants=((1, one), (8, many)))
+    assert chip.for_devices(1) is one
+    assert chip.for_devices(4) is many and chip.for_devices(8) is many
+    assert base.for_devices(8) is base
+    p = project(program(flops=8.0, devices=8), get_slice("cpu", "8").with_chip(chip))
+    assert p.compute_s == pytest.approx(8.0)  # 8 devices x 8 FLOPs at 8 FLOP/s
