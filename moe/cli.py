@@ -72,6 +72,8 @@ def _parser() -> argparse.ArgumentParser:
     la.add_argument("config")
     la.add_argument("overrides", nargs="*")
 
+    _pathway_parsers(sub)
+
     pod = sub.add_parser("pod", help="pod slices and projected step times")
     psub = pod.add_subparsers(dest="pod_command", metavar="ACTION", required=True)
     plan = psub.add_parser(
@@ -84,6 +86,45 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("overrides", nargs="*")
     plan.add_argument("--slice", help="target slice, e.g. tpu-v4:4x4x4 (default: the config's)")
     return p
+
+
+def _pathway_parsers(sub) -> None:
+    pw = sub.add_parser(
+        "pathways",
+        help="show which experts carry each task's tokens, per MoE layer",
+        description="Per MoE layer and task: its configured pathway, the experts its tokens went "
+        "to in RUN_DIR's final evaluation (eval/summary.json), and the fewest experts carrying "
+        "--coverage of them. --yaml prints those as tasks[i].experts (learned pathways).",
+    )
+    pw.add_argument("run_dir")
+    pw.add_argument("--coverage", type=float, default=0.9, help="share of tokens (default 0.9)")
+    pw.add_argument("--yaml", action="store_true", help="print learned pathways as config YAML")
+
+    ex = sub.add_parser(
+        "extract",
+        help="write one task's sub-network (only the experts it uses) as a smaller run",
+        description="Keep, per MoE layer, only the experts task NAME can reach (its k experts "
+        "under task routing, else its pathway) and write a run directory with that checkpoint "
+        "and config; `moe eval OUT` then gives the task's outputs of the full model.",
+    )
+    ex.add_argument("run_dir")
+    ex.add_argument("--task", required=True, help="task name")
+    ex.add_argument("--out", help="output run directory (default: RUN_DIR-NAME)")
+    ex.add_argument("--step", type=int, help="checkpoint step (default: latest)")
+
+    g = sub.add_parser(
+        "grow",
+        help="add experts and a new task to a trained run; old tasks' outputs stay unchanged",
+        description="Clone the experts the new task routes to most into new experts, give the "
+        "new task a pathway over them plus shared frozen old experts, freeze everything the old "
+        "tasks use, and train a new run (<runs_dir>/<name> of the grow file). The task must be "
+        "in RUN_DIR's config with weight 0. Overrides (key.path=value) apply to the grow file.",
+    )
+    g.add_argument("run_dir", help="the trained parent run")
+    g.add_argument("--config", required=True, help="grow file (name, grow:, train:, eval:)")
+    g.add_argument("overrides", nargs="*", help="key.path=value overrides of the grow file")
+    g.add_argument("--no-train", action="store_true", help="only write the grown run directory")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -163,6 +204,8 @@ def _dispatch(args, argv: list[str]) -> int:
 
         evaluate_checkpoint(exp, run_dir, step=args.step, split=args.split)
         return 0
+    if args.command in ("pathways", "extract", "grow"):
+        return _pathway_command(args)
     if args.command == "pod":
         overrides = list(args.overrides)
         if args.slice:  # compile for the target slice's device count, same expert axis
@@ -175,6 +218,72 @@ def _dispatch(args, argv: list[str]) -> int:
         print(plan(exp))
         return 0
     raise UserError(f"unknown command {args.command}")
+
+
+def _run_config(run_dir: str):
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise UserError(f"{run_dir} is not a run directory (no config.yaml)")
+    return _load(str(path), [])
+
+
+def _pathway_command(args) -> int:
+    """`moe pathways | extract | grow` (moe.training.pathways, extract, grow)."""
+    exp = _run_config(args.run_dir)
+    if args.command == "pathways":
+        import json
+
+        from moe.training.pathways import describe
+
+        summary = Path(args.run_dir) / "eval" / "summary.json"
+        if not summary.is_file():
+            raise UserError(f"{summary} is missing; run `moe eval {args.run_dir}` first")
+        usage = json.loads(summary.read_text(encoding="utf-8")).get("expert_usage", {})
+        if not 0 < args.coverage <= 1:
+            raise UserError(f"--coverage {args.coverage} must be in (0, 1]")
+        print(describe(exp, usage, args.coverage, as_yaml=args.yaml))
+        return 0
+    _start_jax(exp)  # one process holding all of the pod's devices
+    if args.command == "extract":
+        from moe.training.extract import extract
+
+        m = extract(Path(args.run_dir), args.task, args.out and Path(args.out), args.step)
+        kept = ", ".join(f"{k}: {len(v)}/{m['experts_before'][k]}" for k, v in m["experts"].items())
+        print(
+            f"extracted {m['task']}: {m['params_before'] / 1e6:.3f}M -> "
+            f"{m['params_after'] / 1e6:.3f}M parameters (experts {kept}) in {m['out']}"
+        )
+        return 0
+    from moe import config as cfg
+    from moe.training import grow
+
+    gf = cfg.load_grow(args.config, args.overrides)
+    say = lambda *a, **k: print(*a, file=sys.stderr, **k)
+    run_dir = grow.prepare_grown_run(Path(args.run_dir), gf, args.config, say=say)
+    if args.no_train:
+        print(f"grown run prepared in {run_dir}; train it with `moe train {run_dir}/config.yaml "
+              f"--run-dir {run_dir}`")  # fmt: skip
+        return 0
+    child = _load(str(run_dir / "config.yaml"), [])
+    if child.pod.processes > 1:
+        from moe.parallel.distributed import launch
+
+        rc = launch(
+            child.pod.processes, ["train", str(run_dir / "config.yaml"), "--run-dir", str(run_dir)]
+        )
+        if rc:
+            return rc
+    else:
+        from moe.training.loop import train
+
+        train(child, run_dir, progress=not args.no_progress and sys.stderr.isatty())
+    from moe.training.report import build
+
+    rows = grow.compare_old_tasks(run_dir)
+    build(run_dir)
+    same = sum(r["identical"] for r in rows.values())
+    print(f"grown run {run_dir}: {same}/{len(rows)} old task(s) evaluate bit-identically")
+    return 0
 
 
 def _start_jax(exp) -> None:
@@ -192,7 +301,6 @@ def _start_jax(exp) -> None:
         from moe.parallel.distributed import initialize
 
         initialize(ranks)
-
 
 
 def _launched_ranks() -> int:

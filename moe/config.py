@@ -389,6 +389,52 @@ class Experiment(_Section):
         return {a: sizes[a] for a in order}
 
 
+class GrowSpec(_Section):
+    """How ``moe grow`` extends a trained model (μ2Net-style cloning, papers §7.2)."""
+
+    task: str = Field(
+        min_length=1,
+        description="The task to add: a task of the parent run reserved with weight 0 (its "
+        "text is already in the shared vocabulary).",
+    )
+    add_experts: int = Field(ge=1, description="New experts per MoE layer (trainable).")
+    share_experts: int = Field(
+        2,
+        ge=0,
+        description="Old experts per layer in the new task's pathway (frozen): the ones its "
+        "data routes to most, after the ones the new experts clone.",
+    )
+    probe_batches: int = Field(
+        8, ge=1, description="Batches of the new task's training data used to measure routing."
+    )
+
+
+class GrowFile(_Section):
+    """A ``moe grow --config`` file: the new run's name, the growth, and training settings
+    merged over the parent's (model, moe, tasks, data and pod come from the parent)."""
+
+    name: str = Field(min_length=1, description="Name of the grown run: <runs_dir>/<name>/.")
+    runs_dir: str | None = Field(None, description="Default: the parent run's runs_dir.")
+    grow: GrowSpec
+    train: dict[str, Any] = Field(default_factory=dict, description="Overrides of train.*.")
+    eval: dict[str, Any] = Field(default_factory=dict, description="Overrides of eval.*.")
+    checkpoint: dict[str, Any] = Field(
+        default_factory=dict, description="Overrides of checkpoint.*."
+    )
+
+
+def load_grow(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> GrowFile:
+    """Load a grow file (``extends:`` and ``key.path=value`` overrides as for experiments)."""
+    path = Path(path)
+    raw = _read_yaml(path, seen=())
+    for item in overrides:
+        _apply_override(raw, item)
+    try:
+        return GrowFile.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_explain(err, raw, str(path), root=GrowFile)) from None
+
+
 def _layers(layers: list[str]) -> str:
     return f"MoE layers are {', '.join(layers)}" if layers else "the model has no MoE layer"
 
@@ -493,9 +539,9 @@ def _list_index(node: list, part: str, item: str, where: str) -> int:
     return int(part)
 
 
-def _fields_at(path: list[str]) -> dict[str, Any] | None:
+def _fields_at(path: list[str], root: type[BaseModel] | None = None) -> dict[str, Any] | None:
     """The pydantic fields of the section at ``path`` (skipping list indices), or None."""
-    model: Any = Experiment
+    model: Any = root or Experiment
     for part in path:
         if part.isdigit():
             continue
@@ -529,12 +575,14 @@ def _unknown(parts: list[str], choices: list[str], rest: list[str] = ()) -> str:
     return f"unknown key {key!r}{hint}"
 
 
-def _explain(err: ValidationError, raw: dict[str, Any], where: str) -> str:
+def _explain(
+    err: ValidationError, raw: dict[str, Any], where: str, root: type[BaseModel] | None = None
+) -> str:
     first = err.errors()[0]
     loc = [str(p) for p in first["loc"]]
     key = ".".join(loc)
     if first["type"] == "extra_forbidden":
-        fields = _fields_at(loc[:-1]) or {}
+        fields = _fields_at(loc[:-1], root) or {}
         section = raw.get(loc[0]) if len(loc) == 1 else None
         rest = [str(next(iter(section)))] if isinstance(section, dict) and section else []
         return f"{where}: {_unknown(loc, list(fields), rest)}"

@@ -126,6 +126,10 @@ def build_optimizer(exp: Experiment, trainable_mask=None) -> optax.GradientTrans
     if trainable_mask is not None:
         leaves = jax.tree_util.tree_leaves_with_path(trainable_mask)
         keep = {jax.tree_util.keystr(path): bool(v) for path, v in leaves}
-        return train_only(chain, lambda path, _: keep[jax.tree_util.keystr(path)])
-    select = pathways.selector(exp)
-    return chain if select is None else train_only(chain, select)
+        select = lambda path, _: keep[jax.tree_util.keystr(path)]
+    else:
+        select = pathways.selector(exp)
+    if select is None:
+        return chain
+    abstract = nnx.split(nnx.eval_shape(lambda: build_model(exp)), nnx.Param)[1]
+    return train_only(chain, select, abstract)

@@ -155,3 +155,40 @@ def entropy_experts(load: Sequence[float]) -> float:
         return 0.0
     h = -sum(p / total * math.log(p / total) for p in load if p > 0)
     return math.exp(h)
+
+
+def describe(exp: Experiment, usage, coverage: float = 0.9, as_yaml: bool = False) -> str:
+    """``moe pathways``: per MoE layer and task, its configured pathway, the experts carrying
+    its tokens (most first, with shares) and the fewest covering ``coverage``; or (``as_yaml``)
+    those as ``tasks[i].experts`` to paste into a config."""
+    learned = suggest(usage, coverage, min_experts=exp.moe.top_k)
+    if as_yaml:
+        import yaml
+
+        tasks = [
+            {"name": t, "experts": learned[t]} for t in [x.name for x in exp.tasks] if t in learned
+        ]
+        head = f"# learned pathways: the experts carrying {coverage:.0%} of each task's tokens\n"
+        return head + yaml.safe_dump({"tasks": tasks}, sort_keys=False, default_flow_style=None)
+    lines = [
+        f"run {exp.name}: routing encoder={exp.moe.routing_input.encoder}, "
+        f"decoder={exp.moe.routing_input.decoder}; expert usage of the final evaluation",
+    ]
+    for layer in exp.moe_layers:
+        if layer not in usage:
+            continue
+        lines += ["", f"{layer} ({exp.experts_in(layer)} experts)"]
+        lines.append(f"  {'task':<12} {'pathway':<16} {'eff.':>5}  experts by share")
+        for t, task in enumerate(exp.tasks):
+            load = usage[layer].get(task.name)
+            if load is None:
+                continue
+            ids = task_experts(exp, t, layer)
+            allowed = "all" if len(ids) == len(load) else ",".join(map(str, ids))
+            shares = " ".join(f"{e}:{load[e]:.0%}" for e in ranked(load) if load[e] >= 0.005)
+            chosen = ",".join(map(str, learned[task.name][layer]))
+            lines.append(
+                f"  {task.name:<12} {allowed:<16} {entropy_experts(load):>5.1f}  {shares}"
+                f"  -> {coverage:.0%}: {chosen}"
+            )
+    return "\n".join(lines)

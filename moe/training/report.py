@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from moe.training import report_markdown, report_plots
+from moe.training import report_markdown, report_pathways, report_plots
 from moe.training.report_plots import number
 
 PLOTS = {
@@ -30,6 +30,7 @@ PLOTS = {
     "expert_usage": "expert_usage.png",
     "routing": "routing.png",
     "throughput": "throughput.png",
+    "pathways": report_pathways.PLOT,
 }
 POD_KEYS = (
     "slice",
@@ -244,6 +245,9 @@ def build(run_dir: str | Path) -> dict:
         "routing": report_plots.routing_curves(run.train, layers, path / PLOTS["routing"]),
         "throughput": report_plots.throughput(run.train, path / PLOTS["throughput"]),
     }
+    pathways = report_pathways.section(path, run.config, run.summary)
+    if pathways:
+        written["pathways"] = report_pathways.diagram(pathways, usage, path / PLOTS["pathways"])
     report = _clean(
         {
             "name": run.config.get("name") or path.name,
@@ -252,6 +256,7 @@ def build(run_dir: str | Path) -> dict:
             "data": _dict(run.train_summary.get("data")),
             "experts": {**_experts_section(run, layers), "usage_source": usage_source},
             "pod": _pod_section(run),
+            "pathways": pathways,
             "plots": {k: PLOTS[k] for k, ok in written.items() if ok},
             "problems": run.problems,
         }

@@ -185,11 +185,17 @@ def _examples(summary: dict, per_task: int = 3) -> list[str]:
     return lines if shown else lines + ["n/a (no decoded examples in eval/summary.json).", ""]
 
 
+def _pathways(report: dict) -> list[str]:
+    from moe.training.report_pathways import markdown  # it renders with this module's helpers
+
+    return markdown(report.get("pathways"), "pathways" in (report.get("plots") or {}))
+
+
 def render(report: dict, summary: dict) -> str:
     """The whole report.md for a ``report.json`` dict and the run's ``eval/summary.json``."""
     lines = [f"# Run report: {report['name']}", "", _summary(report), ""]
     if report.get("problems"):
         lines += ["Missing or unreadable: " + "; ".join(report["problems"]) + ".", ""]
-    lines += _tasks(report) + _training(report) + _experts(report) + _pod(report)
-    lines += _examples(summary)
+    lines += _tasks(report) + _training(report) + _experts(report) + _pathways(report)
+    lines += _pod(report) + _examples(summary)
     return "\n".join(lines).rstrip() + "\n"

@@ -42,9 +42,9 @@ def test_state_holds_only_the_trainable_entries():
     state = opt.init(params())
     mu = state[0].mu
     assert mu["bank"].shape == (2, 3, 2) and mu["router"].shape == (3, 1)
-    assert mu["shared"].size == 0 and mu["head"].shape == (5,)
+    assert isinstance(mu["shared"], optax.MaskedNode) and mu["head"].shape == (5,)
     entries = sum(x.size for x in jax.tree.leaves(state))
-    assert entries == 1 + 2 * (12 + 3 + 0 + 5)  # count + mu + nu
+    assert entries == 1 + 2 * (12 + 3 + 5)  # count + mu + nu
 
 
 def test_frozen_entries_stay_bit_identical_and_trained_rows_match_the_optimizer_alone():

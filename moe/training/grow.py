@@ -1,0 +1,202 @@
+"""``moe grow RUN_DIR --config grow.yaml``: add experts and a task to a trained model, without
+changing what the old tasks compute.
+
+μ2Net (Gesmundo & Dean 2022, papers §7.2) grows a multitask system by *cloning* parent
+components into a new task's path (trainable, task-private) while the components finished tasks
+use stay *frozen*. Here the components are experts:
+
+1. probe: run the parent on ``probe_batches`` batches of the new task's training data and
+   measure, per MoE layer, which experts its tokens go to (``expert_load``);
+2. clone: the ``add_experts`` most-used experts are copied into new experts ``E, E+1, ...``
+   (weights and router column), so the new task starts from what it already used;
+3. pathways: the new task may use the new experts plus the next ``share_experts`` most-used old
+   ones (frozen; a cloned source is replaced by its clone, as in μ2Net); every old task keeps
+   exactly its old experts (the new ones are masked for it);
+4. freeze: old tasks become ``frozen`` (weight 0), so only the rows no old task uses train
+   (``pathways.selector``: new experts, their router columns, the new task's embedding row);
+   shared non-expert weights are frozen, with no optimizer state (``freeze.train_only``);
+5. train the new run from that step-0 checkpoint with the ordinary loop.
+
+What is guaranteed for an old task evaluated alone (one-task batches, as ``moe eval`` does, on
+the same mesh): its router logits over the old experts are the same numbers, the new experts'
+logits are masked to exact zeros after the softmax, the capacity is computed for the original
+expert count (``moe.capacity_experts``), so the same tokens reach the same experts with the same
+weights, and every weight it touches is bit-identical: logits, perplexity and decodes are
+bit-identical (``tests/training/test_grow.py``). Not guaranteed: batches that mix old and new
+tasks under a finite capacity (token choice fills an old expert's slots in token order, so a new
+task sharing that expert can take slots an old token had) and the auxiliary losses (averaged
+over all experts). Train-time batches here hold the new task only (old tasks have weight 0).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from moe import config as cfg
+from moe.errors import UserError
+from moe.training import pathways, surgery
+from moe.training.extract import task_index
+from moe.training.step import LossWeights, eval_step
+
+
+@dataclasses.dataclass(frozen=True)
+class GrowthPlan:
+    """Per MoE layer: the old experts each new expert clones and the new task's pathway."""
+
+    task: int
+    usage: dict[str, list[float]]  # the new task's load over the old experts (probe)
+    clones: dict[str, list[int]]  # new expert E + j clones old expert clones[layer][j]
+    pathway: dict[str, list[int]]  # the new task's experts (shared old ones + all new ones)
+
+
+def probe_usage(restored: surgery.Restored, data, task: int, batches: int) -> dict[str, list]:
+    """``{layer: load [E]}``: mean fraction of the task's routing assignments per expert over
+    the first ``batches`` evaluation-mode batches of its training split."""
+    exp = restored.exp
+    fn = restored.placement.jit(
+        functools.partial(
+            eval_step,
+            graphdef=restored.graphdef,
+            weights=LossWeights(exp.moe.aux_loss_weight, exp.moe.z_loss_weight),
+            num_tasks=len(exp.tasks),
+        )
+    )
+    loads: dict[str, list[np.ndarray]] = {}
+    for host in data.eval_batches(task, "train", exp.eval.batch_size, batches):
+        metrics = jax.device_get(fn(restored.params, restored.placement.batch(host)))
+        for layer, stats in metrics["moe"].items():
+            loads.setdefault(layer, []).append(np.asarray(stats["expert_load"]))
+    return {layer: np.mean(rows, axis=0).tolist() for layer, rows in loads.items()}
+
+
+def plan_growth(exp: cfg.Experiment, usage, task: int, spec: cfg.GrowSpec) -> GrowthPlan:
+    """Which experts to clone and share in each layer (module docstring, steps 2-3)."""
+    clones, pathway = {}, {}
+    for layer in exp.moe_layers:
+        e_old = exp.experts_in(layer)
+        order = pathways.ranked(usage[layer])
+        sources = [order[j % e_old] for j in range(spec.add_experts)]
+        shared = [e for e in order if e not in sources][: spec.share_experts]
+        clones[layer] = sources
+        pathway[layer] = sorted(shared) + list(range(e_old, e_old + spec.add_experts))
+        if len(pathway[layer]) < exp.moe.top_k:
+            raise UserError(
+                f"grow: the new task's pathway in {layer} would have {len(pathway[layer])} "
+                f"expert(s), fewer than moe.top_k={exp.moe.top_k}; raise add_experts or "
+                "share_experts"
+            )
+    return GrowthPlan(task, {k: list(v) for k, v in usage.items()}, clones, pathway)
+
+
+def grown_experiment(parent: cfg.Experiment, plan: GrowthPlan, gf: cfg.GrowFile, where: str):
+    """The new run's config: more experts, old tasks frozen on their pathways (weight 0), the
+    new task on its pathway, training settings from the grow file."""
+    add = gf.grow.add_experts
+    raw = parent.model_dump(mode="json")
+    raw["name"] = gf.name
+    raw["runs_dir"] = gf.runs_dir or parent.runs_dir
+    moe = raw["moe"]
+    moe["num_experts"] = parent.moe.num_experts + add
+    moe["layer_experts"] = {layer: e + add for layer, e in parent.moe.layer_experts.items()}
+    moe["capacity_experts"] = parent.moe.capacity_experts or parent.moe.num_experts
+    for i, task in enumerate(raw["tasks"]):
+        if i == plan.task:
+            task.update(experts=plan.pathway, frozen=False, weight=task["weight"] or 1.0)
+        else:
+            old = {layer: pathways.task_experts(parent, i, layer) for layer in parent.moe_layers}
+            task.update(experts=old, frozen=True, weight=0.0)
+    for section in ("train", "eval", "checkpoint"):
+        raw[section] = {**raw[section], **getattr(gf, section)}
+    return cfg.from_dict(raw, where=where)
+
+
+def prepare_grown_run(parent_dir: Path, gf: cfg.GrowFile, where: str, say=print) -> Path:
+    """Steps 1-4: write the grown run directory (config, step-0 checkpoint, ``grow.json``)."""
+    from moe.training.prepare import prepare
+
+    restored = surgery.restore(parent_dir)
+    parent = restored.exp
+    task = task_index(parent, gf.grow.task)
+    if parent.moe.router == "hierarchical" or parent.moe.decoder_router == "hierarchical":
+        raise UserError("grow: hierarchical routers cannot be grown (their groups are fixed)")
+    data = prepare(parent, say=lambda *a, **k: None)
+    usage = probe_usage(restored, data, task, gf.grow.probe_batches)
+    plan = plan_growth(parent, usage, task, gf.grow)
+    child = grown_experiment(parent, plan, gf, where)
+    run_dir = Path(child.runs_dir) / child.name
+    params = surgery.append_experts(restored.params, plan.clones)
+    select = pathways.selector(child)
+    trainable = sum(int(np.size(v)) for v in _trainable_leaves(params, select))
+    record = {
+        "parent": str(parent_dir),
+        "parent_step": restored.step,
+        "task": gf.grow.task,
+        "add_experts": gf.grow.add_experts,
+        "share_experts": gf.grow.share_experts,
+        "usage": plan.usage,
+        "clones": plan.clones,
+        "pathway": plan.pathway,
+        "old_tasks": [t.name for i, t in enumerate(parent.tasks) if i != task],
+        "params_before": surgery.num_params(restored.params),
+        "params_after": surgery.num_params(params),
+        "trainable_params": trainable,
+    }
+    surgery.write_run(child, run_dir, params, 0, {"grown_from": str(parent_dir)})
+    (run_dir / "grow.json").write_text(json.dumps(record, indent=1), encoding="utf-8")
+    say(
+        f"moe: grow: {gf.grow.task} gets {gf.grow.add_experts} new expert(s) per layer "
+        f"({record['params_before'] / 1e6:.2f}M -> {record['params_after'] / 1e6:.2f}M "
+        f"parameters, {trainable / 1e6:.3f}M trainable); run {run_dir}"
+    )
+    return run_dir
+
+
+def _trainable_leaves(params, select):
+    from moe.training.freeze import trainable_view
+
+    return jax.tree.leaves(trainable_view(params, select))
+
+
+def compare_old_tasks(run_dir: Path) -> dict[str, Any]:
+    """Old tasks' final evaluation before (parent) and after (grown run), side by side;
+    stored in ``grow.json`` under ``old_tasks_after``."""
+    run_dir = Path(run_dir)
+    record = json.loads((run_dir / "grow.json").read_text(encoding="utf-8"))
+    parent = Path(record["parent"])
+    before = _summary(parent)
+    after = _summary(run_dir)
+    rows = {}
+    for name in record["old_tasks"]:
+        b, a = before.get(name, {}), after.get(name, {})
+        rows[name] = {
+            "before": {k: b.get(k) for k in ("loss", "perplexity", "bleu")},
+            "after": {k: a.get(k) for k in ("loss", "perplexity", "bleu")},
+            "identical": bool(b) and bool(a) and _same_eval(parent, run_dir, name, b, a),
+        }
+    record["old_tasks_after"] = rows
+    (run_dir / "grow.json").write_text(json.dumps(record, indent=1), encoding="utf-8")
+    return rows
+
+
+def _summary(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / "eval" / "summary.json"
+    if not path.is_file():
+        return {}
+    return json.loads(path.read_text(encoding="utf-8")).get("tasks", {})
+
+
+def _same_eval(parent: Path, child: Path, name: str, b: dict, a: dict) -> bool:
+    """Equal loss/perplexity/BLEU numbers and byte-identical decoded outputs."""
+    if any(b.get(k) != a.get(k) for k in ("loss", "perplexity", "bleu", "tokens")):
+        return False
+    hyp_b, hyp_a = parent / "eval" / f"{name}.hyp.txt", child / "eval" / f"{name}.hyp.txt"
+    if hyp_b.is_file() != hyp_a.is_file():
+        return False
+    return not hyp_b.is_file() or hyp_b.read_bytes() == hyp_a.read_bytes()
