@@ -56,21 +56,28 @@ class ExchangeAux:
 
 
 def expert_mesh() -> AbstractMesh | None:
-    """The mesh set with ``jax.set_mesh`` if it has an ``expert`` axis of size > 1, else None."""
+    """The mesh set with ``jax.set_mesh`` if it is ours (has an ``expert`` axis) and splits
+    tokens over more than one device, else None.
+
+    A pure data-parallel mesh (``expert`` = 1) qualifies too: each device then routes its own
+    rows and the all-to-all over the size-1 axis moves nothing. The alternative, one routing
+    group over the whole batch partitioned by the compiler, is an order of magnitude slower
+    (its sort, cumsum and gathers span devices; ``scripts/bench_parallel.py`` history).
+    """
     mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or mesh.shape.get("expert", 1) <= 1:
+    if mesh.empty or "expert" not in mesh.shape or token_groups(mesh) <= 1:
         return None
     return mesh
 
 
 def token_groups(mesh: Mesh | AbstractMesh) -> int:
     """Routing groups under expert parallelism: one per ``(data, expert)`` device."""
-    return mesh.shape.get("data", 1) * mesh.shape["expert"]
+    return mesh.shape.get("data", 1) * mesh.shape.get("expert", 1)
 
 
 def can_exchange(mesh: Mesh | AbstractMesh | None, batch: int, num_experts: int) -> bool:
     """Whether a batch of ``batch`` rows can take the exchange path on ``mesh``."""
-    if mesh is None or mesh.shape.get("expert", 1) <= 1:
+    if mesh is None or "expert" not in mesh.shape or token_groups(mesh) <= 1:
         return False
     return batch % token_groups(mesh) == 0 and num_experts % mesh.shape["expert"] == 0
 

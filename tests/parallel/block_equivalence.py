@@ -77,7 +77,7 @@ def main():
         sizes = dict(zip(("data", "expert", "model"), map(int, shape.split("x"))))
         mesh = build_mesh(sizes)
         graph, state = nnx.split(block_for(options))
-        groups = 1 if sizes["expert"] == 1 else sizes["data"] * sizes["expert"]
+        groups = sizes["data"] * sizes["expert"]
         rows = B // groups
         x, masks = arrays(with_masks)
 

@@ -46,7 +46,8 @@ def test_groups_are_data_times_expert_devices():
 
 def test_exchange_needs_expert_axis_and_divisible_batch():
     assert can_exchange(mesh(data=2, expert=4), batch=16, num_experts=8)
-    assert not can_exchange(mesh(data=8, expert=1), batch=16, num_experts=8)
+    assert can_exchange(mesh(data=8, expert=1), batch=16, num_experts=8)  # groups, no a2a
+    assert not can_exchange(mesh(data=1, expert=1), batch=16, num_experts=8)
     assert not can_exchange(mesh(data=2, expert=4), batch=12, num_experts=8)
     assert not can_exchange(mesh(data=2, expert=4), batch=16, num_experts=6)
     assert not can_exchange(None, batch=16, num_experts=8)
@@ -55,4 +56,4 @@ def test_exchange_needs_expert_axis_and_divisible_batch():
 def test_no_ambient_mesh_means_local_path():
     assert expert_mesh() is None
     with jax.set_mesh(jax.make_mesh((1, 1), ("data", "expert"))):
-        assert expert_mesh() is None  # expert axis of size 1
+        assert expert_mesh() is None  # one device: nothing to split

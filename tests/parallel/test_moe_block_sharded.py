@@ -1,9 +1,10 @@
 """``MoeBlock`` under a mesh with an expert axis takes the all-to-all exchange and equals the
 single-device block applied to each device's rows (outputs, aux losses, stats, gradients).
 
-Mesh shapes (data, expert) = (8,1) (no exchange: plain data parallelism, one routing group),
-(4,2), (2,4), (1,8); expert choice; training with random routing and jitter; masks and router
-bias; a model axis. The 8-device runs happen in a subprocess (``block_equivalence.py``).
+Mesh shapes (data, expert) = (8,1) (data parallelism: a routing group per device, nothing
+to exchange), (4,2), (2,4), (1,8); expert choice; training with random routing and jitter;
+masks and router bias; a model axis. The 8-device runs happen in a subprocess
+(``block_equivalence.py``).
 """
 
 import json
@@ -41,5 +42,5 @@ def test_sharded_block_matches_single_device_groups(errors, case):
     assert e["forward"] <= 1e-5 * e["scale"]
     assert e["aux"] <= 1e-6 and e["stats"] <= 1e-6
     assert e["grad"] <= 1e-5 * e["grad_scale"]
-    # two exchanges forward, two backward; none when the expert axis is 1
-    assert e["all_to_alls"] == (0 if case.endswith("8x1") else 4)
+    # two exchanges forward, two backward (over a size-1 axis XLA may drop them)
+    assert e["all_to_alls"] == 4 or (case.endswith("8x1") and e["all_to_alls"] == 0)
