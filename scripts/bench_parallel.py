@@ -20,7 +20,8 @@ Pairs with the same global work on 8 devices and on 1 give ``overhead`` = time(8
 devices) / time(1 device) (target <= 1.3; the 8 devices share the same 2 cores, so this is the
 cost of the sharded program's extra work and synchronisation, not a speed-up).
 
-The 2 ranks x 4 devices training-step row needs ``moe launch``; see ``two_rank_train_row``.
+``--train-row`` adds the training step of the quickstart model with 2 MPI ranks x 4 virtual
+devices (``two_rank_train_row``; a few minutes): the loop's measured and projected step time.
 """
 
 from __future__ import annotations
@@ -135,11 +136,37 @@ def overheads(rows: list[dict]) -> list[dict]:
     return out
 
 
-def two_rank_train_row() -> dict | None:
-    """The 2 ranks x 4 devices training-step row (``moe launch -n 2``): for the lead to fill
-    from the training loop's measured step time (``report.json`` ``pod.measured_step_ms``).
-    Returns None until then."""
-    return None
+def two_rank_train_row(steps: int = 20) -> dict:
+    """The training step with 2 ranks x 4 virtual devices (``moe train`` under mpirun, mesh
+    data=2 x expert=4): the quickstart for ``steps`` steps in a temporary run directory, then
+    the loop's own measured and projected step times (``train_summary.json`` ``pod``)."""
+    import subprocess
+    import tempfile
+
+    overrides = [
+        f"train.steps={steps}",
+        "train.log_every=5",
+        "pod.slice=8",
+        "pod.mesh.data=2",
+        "pod.mesh.expert=4",
+        "pod.processes=2",
+        "eval.every=0",
+        "eval.batches=1",
+        "eval.bleu_examples=8",
+        "checkpoint.every=0",
+    ]
+    with tempfile.TemporaryDirectory() as run_dir:
+        cmd = [sys.executable, "-m", "moe.cli", "train", str(ROOT / "configs/quickstart.yaml")]
+        cmd += [*overrides, "--run-dir", run_dir, "--no-progress"]
+        run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1800)
+        summary = Path(run_dir) / "train_summary.json"
+        if run.returncode or not summary.is_file():
+            return {"error": (run.stderr or run.stdout)[-500:], "command": " ".join(cmd)}
+        pod = json.loads(summary.read_text())["pod"]
+    keep = ("measured_step_ms", "projected_cpu_step_ms", "projected_step_ms", "target")
+    return {"command": "moe train configs/quickstart.yaml " + " ".join(overrides)} | {
+        k: pod.get(k) for k in keep
+    }
 
 
 def table(rows: list[dict], over: list[dict]) -> str:
@@ -163,6 +190,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--quick", action="store_true", help="two tiny cases (smoke run)")
+    parser.add_argument(
+        "--train-row", action="store_true", help="also time the 2-rank x 4-device train step"
+    )
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument(
@@ -175,10 +205,13 @@ def main(argv=None) -> int:
     over = overheads(rows)
     print(table(rows, over))
     print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    train_row = two_rank_train_row() if args.train_row else None
+    if train_row:
+        print("2 ranks x 4 devices train step:", json.dumps(train_row))
     result = {
         "cases": rows,
         "overhead": over,
-        "two_rank_train": two_rank_train_row(),
+        "two_rank_train": train_row,
         "calibration": {k: getattr(chip, k) for k in ("peak_flops", "hbm_bandwidth")},
         "setting": {
             "warmup": args.warmup,
