@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 from pathlib import Path
 
@@ -151,8 +152,10 @@ def calibrate_cpu(cache: str | Path | None = None, *, refresh: bool = False) -> 
         measured = [measure(devices[:1])]
         if len(devices) > 1:
             measured.append(measure(devices))
-        if path is not None:
+        if path is not None:  # atomically: several ranks may calibrate at once
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(measured, indent=1))
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(measured, indent=1))
+            os.replace(tmp, path)
     variants = tuple((f["devices"], _chip(f)) for f in measured)
     return _chip(measured[0], variants)
