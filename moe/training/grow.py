@@ -76,6 +76,22 @@ def probe_usage(restored: surgery.Restored, data, task: int, batches: int) -> di
     return {layer: np.mean(rows, axis=0).tolist() for layer, rows in loads.items()}
 
 
+def check_growable(exp: cfg.Experiment, spec: cfg.GrowSpec) -> None:
+    """User errors that need no parameters: the router kind, pathway width vs top-k."""
+    if exp.moe.router == "hierarchical" or exp.moe.decoder_router == "hierarchical":
+        raise UserError("grow: hierarchical routers cannot be grown (their groups are fixed)")
+    if not exp.moe_layers:
+        raise UserError("grow: the model has no MoE layer to add experts to")
+    for layer in exp.moe_layers:
+        e_old = exp.experts_in(layer)
+        width = spec.add_experts + min(spec.share_experts, e_old - min(spec.add_experts, e_old))
+        if width < exp.moe.top_k:
+            raise UserError(
+                f"grow: the new task's pathway in {layer} would have {width} expert(s), fewer "
+                f"than moe.top_k={exp.moe.top_k}; raise grow.add_experts or grow.share_experts"
+            )
+
+
 def plan_growth(exp: cfg.Experiment, usage, task: int, spec: cfg.GrowSpec) -> GrowthPlan:
     """Which experts to clone and share in each layer (module docstring, steps 2-3)."""
     clones, pathway = {}, {}
@@ -86,12 +102,6 @@ def plan_growth(exp: cfg.Experiment, usage, task: int, spec: cfg.GrowSpec) -> Gr
         shared = [e for e in order if e not in sources][: spec.share_experts]
         clones[layer] = sources
         pathway[layer] = sorted(shared) + list(range(e_old, e_old + spec.add_experts))
-        if len(pathway[layer]) < exp.moe.top_k:
-            raise UserError(
-                f"grow: the new task's pathway in {layer} would have {len(pathway[layer])} "
-                f"expert(s), fewer than moe.top_k={exp.moe.top_k}; raise add_experts or "
-                "share_experts"
-            )
     return GrowthPlan(task, {k: list(v) for k, v in usage.items()}, clones, pathway)
 
 
@@ -121,11 +131,10 @@ def prepare_grown_run(parent_dir: Path, gf: cfg.GrowFile, where: str, say=print)
     """Steps 1-4: write the grown run directory (config, step-0 checkpoint, ``grow.json``)."""
     from moe.training.prepare import prepare
 
-    restored = surgery.restore(parent_dir)
-    parent = restored.exp
+    parent = surgery.run_config(parent_dir)
     task = task_index(parent, gf.grow.task)
-    if parent.moe.router == "hierarchical" or parent.moe.decoder_router == "hierarchical":
-        raise UserError("grow: hierarchical routers cannot be grown (their groups are fixed)")
+    check_growable(parent, gf.grow)
+    restored = surgery.restore(parent_dir)
     data = prepare(parent, say=lambda *a, **k: None)
     usage = probe_usage(restored, data, task, gf.grow.probe_batches)
     plan = plan_growth(parent, usage, task, gf.grow)

@@ -44,12 +44,17 @@ class Restored:
     step: int
 
 
+def run_config(run_dir: Path) -> cfg.Experiment:
+    """The resolved config of a run directory."""
+    if not (Path(run_dir) / "config.yaml").is_file():
+        raise UserError(f"{run_dir} is not a run directory (no config.yaml)")
+    return cfg.load(Path(run_dir) / "config.yaml")
+
+
 def restore(run_dir: Path, step: int | None = None) -> Restored:
     """The parameters of ``run_dir``'s latest (or ``step``) checkpoint, placed on its mesh."""
     run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise UserError(f"{run_dir} is not a run directory (no config.yaml)")
-    exp = cfg.load(run_dir / "config.yaml")
+    exp = run_config(run_dir)
     placement = Placement.for_experiment(exp)
     graphdef, state = placement.init_state(
         lambda: build.build_model(exp), build.build_optimizer(exp)

@@ -1,0 +1,94 @@
+"""A task's extracted sub-network computes what the full model computes for that task."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import moe.layers  # noqa: F401
+from moe import config as cfg
+from moe.training import build, extract, surgery
+
+B, LS, LT, V = 6, 7, 5, 64
+
+
+def experiment(**moe):
+    tasks = [
+        {"name": "a", "kind": "translate", "source": "tsv:a", "experts": {"encoder/1": [1, 3, 4]}},
+        {"name": "b", "kind": "translate", "source": "tsv:b", "experts": [0, 2, 5]},
+    ]
+    model = {"d_model": 8, "num_heads": 2, "encoder_layers": 2, "decoder_layers": 2}
+    model.update(d_ff=12, dropout=0.0, vocab_size=V)
+    moe = {"num_experts": 6, "every": 2, "top_k": 2, "capacity_factor_eval": 1.0, **moe}
+    return cfg.from_dict({"name": "x", "model": model, "moe": moe, "tasks": tasks})
+
+
+def init(exp, seed=0):
+    make = lambda: build.build_model(exp, seed)
+    graphdef, _ = nnx.split(nnx.eval_shape(make), nnx.Param)
+    return graphdef, jax.jit(lambda: nnx.split(make(), nnx.Param)[1])()
+
+
+def sharpen(params):
+    """Router weights x50: decisive, unbalanced routing, so the capacity drops tokens."""
+
+    def one(path, x):
+        where = surgery.expert_axis(path)
+        return x * 50.0 if where is not None and where[1] == 1 else x
+
+    return jax.tree_util.tree_map_with_path(one, params)
+
+
+def logits_of(graphdef, params, task):
+    batch = jax.random.randint(jax.random.key(3), (B, LS + LT), 4, V)
+    task_b = jnp.full((B,), task, jnp.int32)
+
+    @jax.jit
+    def run(params):
+        return nnx.merge(graphdef, params)(batch[:, :LS], batch[:, LS:], task_b)[0]
+
+    return np.asarray(run(params))
+
+
+def extract_in_memory(exp, params, task):
+    restored = surgery.Restored(exp, None, None, params, step=0)
+    keep = extract.kept_experts(restored, task)
+    child = extract.extracted_experiment(exp, task, keep, name="x-a")
+    small = surgery.take_experts(params, keep)
+    return keep, child, jax.tree.map(jnp.asarray, small)
+
+
+def test_pathway_extraction_is_bit_identical_even_when_capacity_drops_tokens():
+    exp = experiment()
+    graphdef, params = init(exp)
+    params = sharpen(params)
+    keep, child, small = extract_in_memory(exp, params, 0)
+    assert keep == {"encoder/1": [1, 3, 4], "decoder/1": [0, 1, 2, 3, 4, 5]}
+    assert child.moe.layer_experts == {"encoder/1": 3, "decoder/1": 6}
+    assert child.moe.capacity_experts == 6
+    child_graph, _ = nnx.split(nnx.eval_shape(lambda: build.build_model(child)), nnx.Param)
+    full = logits_of(graphdef, params, 0)
+    assert np.array_equal(full, logits_of(child_graph, small, 0))
+
+
+def test_task_routed_extraction_keeps_the_tasks_top_k_and_matches_to_rounding():
+    exp = experiment(routing_input={"encoder": "token", "decoder": "task"})
+    graphdef, params = init(exp)
+    keep, child, small = extract_in_memory(exp, params, 1)
+    emb = np.asarray(params["task_embed"][...])[1]
+    w = np.asarray(params["decoder"][1]["ffn"]["router"]["w_gate"][...])
+    logits = (emb @ w)[[0, 2, 5]]
+    top2 = sorted(np.array([0, 2, 5])[np.argsort(-logits)[:2]].tolist())
+    assert keep == {"encoder/1": [0, 2, 5], "decoder/1": top2}
+    child_graph, _ = nnx.split(nnx.eval_shape(lambda: build.build_model(child)), nnx.Param)
+    full, part = logits_of(graphdef, params, 1), logits_of(child_graph, small, 1)
+    np.testing.assert_allclose(part, full, rtol=1e-5, atol=1e-5)
+    assert np.array_equal(part.argmax(-1), full.argmax(-1))
+
+
+def test_unknown_task_is_a_user_error():
+    with pytest.raises(cfg.UserError, match="no task named 'zz'.*tasks: a, b"):
+        extract.task_index(experiment(), "zz")
