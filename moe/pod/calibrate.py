@@ -61,7 +61,7 @@ def measure(devices) -> dict:
 
     train = jax.jit(layer)
     work = n * train.lower(x, w).compile().cost_analysis()["flops"]
-    flops = work / _best(lambda x, w: train(x, w)[1], x, w)
+    flops = work / _best(lambda x, w: train(x, w)[1], x, w, repeats=15)
     scale = jax.jit(lambda x: x * 2.0 + 1.0)
     curve = []
     for kib in (128, 512, 2048, 8192, 32768, 131072):
