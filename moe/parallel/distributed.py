@@ -177,8 +177,9 @@ def launch(
     tail: collections.deque[str] = collections.deque(maxlen=200)
     with subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True, bufsize=1) as proc:
         for line in proc.stderr:
-            sys.stderr.write(line)
             tail.append(line)
+            if not line.startswith("[Gloo] Rank"):  # gloo's per-device connection chatter
+                sys.stderr.write(line)
         status = proc.wait()
     if status:
         what = failed_rank("".join(tail)) or "a rank failed"
