@@ -175,8 +175,11 @@ def launch(
     """
     cmd, env = launch_command(n, argv, devices_per_process=devices_per_process, program=program)
     tail: collections.deque[str] = collections.deque(maxlen=200)
-    with subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True, bufsize=1) as proc:
-        for line in proc.stderr:
+    # The ranks' stdout and stderr are merged and passed to stderr, less gloo's chatter.
+    with subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+    ) as proc:
+        for line in proc.stdout:
             tail.append(line)
             if not line.startswith("[Gloo] Rank"):  # gloo's per-device connection chatter
                 sys.stderr.write(line)
