@@ -37,19 +37,20 @@ import moe.layers  # noqa: F401  (turns off eager variable sharding before modul
 from moe.layers.dense import DenseFFN
 from moe.layers.experts import apply_experts
 from moe.layers.moe import MoeBlock, MoeSpec
-from moe.routing import losses
+from moe.routing import losses, token_choice
 
 
-def time_interleaved(calls: dict, *, warmup: int, runs: int) -> dict[str, list[float]]:
+def time_interleaved(calls: dict, *, warmup: int, runs: int) -> dict:
     """Wall times in ms of each ``name: (fn, args)``, after ``warmup`` untimed calls each.
 
     The timed calls go round-robin (moe, dense, einsum, moe, ...), so a change in machine load
-    during the measurement hits every row alike and the ratios stay meaningful.
+    during the measurement hits every row alike and the ratios stay meaningful. Returns
+    ``{name: [ms, ...]}``.
     """
     for fn, args in calls.values():
         for _ in range(warmup):
             jax.block_until_ready(fn(*args))
-    times: dict[str, list[float]] = {name: [] for name in calls}
+    times: dict = {name: [] for name in calls}
     for _ in range(runs):
         for name, (fn, args) in calls.items():
             start = time.perf_counter()
@@ -104,7 +105,8 @@ def _grad_step(apply):
     return jax.jit(jax.grad(loss, argnums=(0, 1)))
 
 
-def bench_case(experts: int, args) -> dict:
+def build_calls(experts: int, args) -> dict:
+    """The jitted forward+backward steps for one expert count: ``{row: (fn, args)}``."""
     tokens, d, f, k = args.tokens, args.d_model, args.d_ff, args.top_k
     kx, kc = jax.random.split(jax.random.key(args.seed))
     x = jax.random.normal(kx, (1, tokens, d), jnp.float32)
@@ -132,13 +134,26 @@ def bench_case(experts: int, args) -> dict:
     }
     if not args.skip_einsum:
         calls["einsum"] = (_grad_step(einsum_apply), (raw, x, ct))
+    return calls
+
+
+def bench(args) -> list[dict]:
+    """One row per expert count; every timed call of every row is interleaved (so is the
+    E=128 vs E=8 comparison)."""
+    calls = {}
+    for experts in args.experts:
+        for name, call in build_calls(experts, args).items():
+            calls[experts, name] = call
     times = time_interleaved(calls, warmup=args.warmup, runs=args.runs)
-    row = {"experts": experts, "tokens": tokens, "capacity": capacity}
-    for name, ts in times.items():
-        row[f"{name}_ms"] = statistics.median(ts)
-    for name, ts in times.items():
-        row[f"{name}_min_ms"] = min(ts)
-    return row
+    rows = []
+    for experts in args.experts:
+        capacity = token_choice.capacity(args.tokens, experts, args.top_k, args.capacity_factor)
+        row = {"experts": experts, "tokens": args.tokens, "capacity": capacity}
+        names = [name for e, name in times if e == experts]
+        row.update({f"{n}_ms": statistics.median(times[experts, n]) for n in names})
+        row.update({f"{n}_min_ms": min(times[experts, n]) for n in names})
+        rows.append(row)
+    return rows
 
 
 def _reshape_out(out):
@@ -192,7 +207,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    rows = [bench_case(e, args) for e in args.experts]
+    rows = bench(args)
     print_table(rows)
     if args.json:
         setting = {
