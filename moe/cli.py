@@ -277,12 +277,11 @@ def _pathway_command(args) -> int:
         from moe.training.loop import train
 
         train(child, run_dir, progress=not args.no_progress and sys.stderr.isatty())
-    from moe.training.report import build
-
-    rows = grow.compare_old_tasks(run_dir)
-    build(run_dir)
-    same = sum(r["identical"] for r in rows.values())
-    print(f"grown run {run_dir}: {same}/{len(rows)} old task(s) evaluate bit-identically")
+    rows = grow.finish(run_dir)
+    same = sum(r["identical"] is True for r in rows.values())
+    unknown = sum(r["identical"] is None for r in rows.values())
+    note = f" ({unknown} not comparable: eval settings differ)" if unknown else ""
+    print(f"grown run {run_dir}: {same}/{len(rows)} old task(s) evaluate bit-identically{note}")
     return 0
 
 

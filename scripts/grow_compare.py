@@ -102,7 +102,7 @@ def table(out: dict) -> str:
     for name, r in out["old_tasks"].items():
         rows.append(
             f"| {name} | {f(r['bleu_before'])} | {f(r['bleu_after'])} | {f(r['ppl_before'])} | "
-            f"{f(r['ppl_after'])} | {'yes' if r['identical'] else 'no'} | {f(r['bleu_joint'])} |"
+            f"{f(r['ppl_after'])} | {r['identical']} | {f(r['bleu_joint'])} |"
         )
     return "\n".join(rows)
 

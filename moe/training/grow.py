@@ -175,22 +175,45 @@ def _trainable_leaves(params, select):
 
 def compare_old_tasks(run_dir: Path) -> dict[str, Any]:
     """Old tasks' final evaluation before (parent) and after (grown run), side by side;
-    stored in ``grow.json`` under ``old_tasks_after``."""
+    stored in ``grow.json`` under ``old_tasks_after``. ``identical`` is None when the two
+    evaluations used different ``eval`` settings (then ``eval_differs`` names them)."""
     run_dir = Path(run_dir)
     record = json.loads((run_dir / "grow.json").read_text(encoding="utf-8"))
     parent = Path(record["parent"])
-    before = _summary(parent)
-    after = _summary(run_dir)
+    before, after = _summary(parent), _summary(run_dir)
+    differs = _eval_differences(parent, run_dir)
     rows = {}
     for name in record["old_tasks"]:
         b, a = before.get(name, {}), after.get(name, {})
+        same = None if differs or not (a and b) else _same_eval(parent, run_dir, name, b, a)
         rows[name] = {
             "before": {k: b.get(k) for k in ("loss", "perplexity", "bleu")},
             "after": {k: a.get(k) for k in ("loss", "perplexity", "bleu")},
-            "identical": bool(b) and bool(a) and _same_eval(parent, run_dir, name, b, a),
+            "identical": same,
         }
     record["old_tasks_after"] = rows
+    record["eval_differs"] = differs
     (run_dir / "grow.json").write_text(json.dumps(record, indent=1), encoding="utf-8")
+    return rows
+
+
+def _eval_differences(parent: Path, child: Path) -> list[str]:
+    """``eval.*`` settings that differ between two runs' configs (and so their evaluations)."""
+    a, b = cfg.load(parent / "config.yaml").eval, cfg.load(child / "config.yaml").eval
+    skip = ("every", "batches")  # evaluation during training only
+    return [
+        f"eval.{k}"
+        for k in type(a).model_fields
+        if k not in skip and getattr(a, k) != getattr(b, k)
+    ]
+
+
+def finish(run_dir: Path) -> dict[str, Any]:
+    """After training the grown run: compare the old tasks and rebuild its report."""
+    from moe.training.report import build
+
+    rows = compare_old_tasks(run_dir)
+    build(run_dir)
     return rows
 
 

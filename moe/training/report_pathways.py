@@ -161,12 +161,18 @@ def _grow(grow: dict | None) -> list[str]:
             b, a = r.get("before") or {}, r.get("after") or {}
             rows.append(
                 [f"`{name}`", fmt(b.get("perplexity"), 4), fmt(a.get("perplexity"), 4)]
-                + [fmt(b.get("bleu")), fmt(a.get("bleu")), "yes" if r.get("identical") else "no"]
+                + [fmt(b.get("bleu")), fmt(a.get("bleu")), _yes_no(r.get("identical"))]
             )
         header = ["old task", "ppl before", "ppl after", "BLEU before", "BLEU after", "identical"]
         lines += ["Old tasks, evaluated alone, before and after growing:", ""]
         lines += [*_table(header, rows), ""]
+        if grow.get("eval_differs"):
+            lines += [f"Not comparable: {', '.join(grow['eval_differs'])} differ.", ""]
     return lines
+
+
+def _yes_no(x) -> str:
+    return "n/a" if x is None else ("yes" if x else "no")
 
 
 def _extracted(ex: dict | None) -> list[str]:
