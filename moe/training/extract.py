@@ -3,21 +3,22 @@
 Task-MoE's serving benefit (Kudugunta et al. 2021 §3.2, papers §6.1): when a task's experts are
 known in advance, only those need loading. Per MoE layer the task keeps
 
-- with task routing (``moe.routing_input`` ``task``) and a top-k router: the k experts its task
-  embedding selects, ``top_k(e_task W_gate)`` within its pathway (papers §6.2: "precompute
-  top2(softmax(e_task W))");
+- with task routing (``moe.routing_input`` ``task``) and a top-k router whose gates do not
+  depend on the other experts' logits (token choice with ``renormalize``, or noisy top-k, whose
+  softmax runs over the top k): the k experts its task embedding selects,
+  ``top_k(e_task W_gate)`` within its pathway (papers §6.2: "precompute top2(softmax(e_task W))");
 - otherwise its pathway (``tasks[i].experts``; all experts when it has none: token routing may
   send a token anywhere, so nothing can be dropped without changing outputs).
 
 The new config keeps every task (the shared vocabulary is built from all of them) and sets
 ``moe.layer_experts`` to the kept counts and ``moe.capacity_experts`` to the original count, so
-capacity, and hence which tokens are dropped, is unchanged. What is guaranteed, for the extracted
-task evaluated alone (one-task batches, as ``moe eval`` does) on the same mesh:
-
-- pathway layers: the same experts in the same order see the same tokens with the same router
-  logits; masked experts contributed exact zeros before, so outputs are bit-identical (tested);
-- task-routed layers: the same k experts, but the softmax now runs over k logits instead of E,
-  so the gates (hence outputs) agree to float rounding, not bit for bit.
+capacity, and hence which tokens are dropped, is unchanged. For the extracted task evaluated
+alone (one-task batches, as ``moe eval`` does) on the same mesh, the same experts see the same
+tokens with the same router logits, and the same weights compute their outputs. What changes is
+the router softmax's normaliser: it sums over the kept experts instead of over all E (where the
+masked ones contributed exact zeros, or, under task routing, small non-zero probabilities), so
+gates, and hence outputs, agree to float rounding (~1e-8 here; greedy decodes identical in the
+experiment), bit for bit only when the backend happens to sum both the same way.
 
 Other tasks in the extracted directory run on the extracted experts and mean nothing.
 """
@@ -52,7 +53,8 @@ def kept_experts(restored: surgery.Restored, task: int) -> dict[str, list[int]]:
         allowed = pathways.task_experts(exp, task, layer)
         mode = getattr(exp.moe.routing_input, stack)
         router = (exp.moe.decoder_router if stack == "decoder" else None) or exp.moe.router
-        if mode != "task" or router not in ("token_choice", "noisy"):
+        renormalized = router == "noisy" or (router == "token_choice" and exp.moe.renormalize)
+        if mode != "task" or not renormalized:
             out[layer] = allowed
             continue
         w_gate = params[stack][int(i)]["ffn"]["router"]["w_gate"][...]  # [d, E]

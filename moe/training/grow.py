@@ -18,14 +18,19 @@ use stay *frozen*. Here the components are experts:
 5. train the new run from that step-0 checkpoint with the ordinary loop.
 
 What is guaranteed for an old task evaluated alone (one-task batches, as ``moe eval`` does, on
-the same mesh): its router logits over the old experts are the same numbers, the new experts'
-logits are masked to exact zeros after the softmax, the capacity is computed for the original
-expert count (``moe.capacity_experts``), so the same tokens reach the same experts with the same
-weights, and every weight it touches is bit-identical: logits, perplexity and decodes are
-bit-identical (``tests/training/test_grow.py``). Not guaranteed: batches that mix old and new
-tasks under a finite capacity (token choice fills an old expert's slots in token order, so a new
-task sharing that expert can take slots an old token had) and the auxiliary losses (averaged
-over all experts). Train-time batches here hold the new task only (old tasks have weight 0).
+the same mesh), by construction: every weight it touches is bit-identical (frozen, updates of
+exactly -0.0); its router logits over the old experts are the same numbers and the new experts'
+logits are masked (their probabilities are exact zeros); the capacity is computed for the
+original expert count (``moe.capacity_experts``); so the same tokens reach the same experts.
+The one float operation whose operands change is the router softmax's normaliser, a sum over the
+old experts followed by the new experts' exact zeros: XLA:CPU adds those zeros without changing
+the sum when old and new counts take the same vectorised path (both >= 8, as in the experiment,
+or both small), and then logits, perplexity and decodes are bit-identical (tested in
+``tests/training/test_grow.py`` and measured in docs/results_pathways.md; ``grow.json`` records
+the comparison for every grown run). Not guaranteed: batches that mix old and new tasks under a
+finite capacity (token choice fills an old expert's slots in token order, so a new task sharing
+that expert can take slots an old token had) and the auxiliary losses (averaged over all
+experts). Training batches of a grown run hold the new task only (old tasks have weight 0).
 """
 
 from __future__ import annotations
