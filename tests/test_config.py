@@ -8,6 +8,7 @@ import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
 from moe import config as cfg
 
@@ -31,7 +32,7 @@ def test_defaults_fill_in_and_the_result_is_frozen(tmp_path):
             "expert": 1,
         }
     )
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError):
         exp.model.d_model = 3  # frozen
 
 
