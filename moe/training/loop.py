@@ -164,15 +164,17 @@ def train(exp: cfg.Experiment, run_dir: Path, *, progress: bool = True) -> dict[
     }
     if primary:
         (run_dir / "train_summary.json").write_text(json.dumps(summary, indent=1))
-    _final_eval(exp, run_dir, data, placement, graphdef, state.params, log, exp.eval.split)
+    _final_eval(
+        exp, run_dir, data, placement, graphdef, state.params, log, exp.eval.split, exp.train.steps
+    )
     log.close()
     ckpt.close()
     return summary
 
 
-def _final_eval(exp, run_dir, data, placement, graphdef, params, log, split) -> None:
-    result = run_eval.full(exp, run_dir, data, placement, graphdef, params, split)
-    log.eval(exp.train.steps, result["tasks"])
+def _final_eval(exp, run_dir, data, placement, graphdef, params, log, split, step) -> None:
+    result = run_eval.full(exp, run_dir, data, placement, graphdef, params, split, step)
+    log.eval(step, result["tasks"])
     if jax.process_index() == 0:
         from moe.training.report import build as build_report
 
@@ -182,19 +184,22 @@ def _final_eval(exp, run_dir, data, placement, graphdef, params, log, split) -> 
 
 def evaluate_checkpoint(exp: cfg.Experiment, run_dir: Path, *, step=None, split=None) -> None:
     """`moe eval RUN_DIR`: restore a checkpoint and run the full evaluation + report."""
-    data = prepare(exp, say=lambda *a, **k: None)
-    placement = Placement.for_experiment(exp)
-    optimizer = build.build_optimizer(exp)
-    graphdef, state = placement.init_state(lambda: build.build_model(exp), optimizer)
-    ckpt = Checkpointer(run_dir / "checkpoints", keep=exp.checkpoint.keep)
-    steps = ckpt.all_steps()
-    if not steps:
-        raise UserError(f"{run_dir / 'checkpoints'} holds no checkpoint")
-    if step is not None and step not in steps:
-        raise UserError(f"{run_dir / 'checkpoints'} has no step {step} (has {steps})")
-    state, _ = ckpt.restore(step if step is not None else max(steps), placement.abstract(state))
-    log = MetricsLog(run_dir, data.task_names, enabled=jax.process_index() == 0)
-    _final_eval(exp, run_dir, data, placement, graphdef, state.params, log, split or exp.eval.split)
+    from moe.training import surgery
+
+    restored = surgery.restore(run_dir, step)
+    data = prepare(restored.exp, say=lambda *a, **k: None)
+    log = MetricsLog(run_dir, data.task_names, enabled=jax.process_index() == 0, start_step=None)
+    _final_eval(
+        restored.exp,
+        run_dir,
+        data,
+        restored.placement,
+        restored.graphdef,
+        restored.params,
+        log,
+        split or exp.eval.split,
+        restored.step,
+    )
     log.close()
 
 

@@ -37,13 +37,16 @@ def moe_layer_stats(moe: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]
 
 
 class MetricsLog:
-    def __init__(self, run_dir: Path, task_names: list[str], *, enabled: bool, start_step=0):
+    def __init__(
+        self, run_dir: Path, task_names: list[str], *, enabled: bool, start_step: int | None = 0
+    ):
+        """``start_step``: drop lines past it (a resumed run); None appends (``moe eval``)."""
         self.task_names, self.enabled = task_names, enabled
         self.path = Path(run_dir) / "metrics.jsonl"
         self._tb = None
         if not enabled:
             return
-        if self.path.exists():
+        if self.path.exists() and start_step is not None:
             keep = [
                 line
                 for line in self.path.read_text(encoding="utf-8").splitlines()
@@ -52,7 +55,8 @@ class MetricsLog:
             self.path.write_text("".join(f"{line}\n" for line in keep), encoding="utf-8")
         from tensorboardX import SummaryWriter
 
-        self._tb = SummaryWriter(str(Path(run_dir) / "tb"), purge_step=start_step + 1)
+        purge = None if start_step is None else start_step + 1
+        self._tb = SummaryWriter(str(Path(run_dir) / "tb"), purge_step=purge)
 
     def _write(self, record: dict[str, Any]) -> None:
         with self.path.open("a", encoding="utf-8") as f:

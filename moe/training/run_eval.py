@@ -128,7 +128,7 @@ def decode_task(exp, data, placement, graphdef, params, ti, split):
     return sources, refs, hyps
 
 
-def full(exp, run_dir: Path, data, placement, graphdef, params, split) -> dict[str, Any]:
+def full(exp, run_dir: Path, data, placement, graphdef, params, split, step) -> dict[str, Any]:
     """Final evaluation of every task; writes eval files and ``eval/summary.json``."""
     ppl = perplexities(exp, data, placement, graphdef, params, split, max_batches=10**9)
     usage = ppl.pop("_expert_usage")
@@ -149,7 +149,7 @@ def full(exp, run_dir: Path, data, placement, graphdef, params, split) -> dict[s
                     for s, r, h in list(zip(sources, refs, hyps))[:5]
                 ]
         tasks[task.name] = row
-    summary = {"step": exp.train.steps, "split": split, "tasks": tasks, "expert_usage": usage}
+    summary = {"step": step, "split": split, "tasks": tasks, "expert_usage": usage}
     if primary:
         (run_dir / "eval").mkdir(parents=True, exist_ok=True)
         path = run_dir / "eval" / "summary.json"
