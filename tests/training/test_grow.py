@@ -129,6 +129,8 @@ def test_grown_config_freezes_old_tasks_on_their_pathways(grown):
         assert record["clones"][layer] == order[:2]
         assert copy.experts[layer] == [order[2], 4, 5]
     assert pathways.trainable_experts(child) == {"encoder/1": [4, 5], "decoder/1": [4, 5]}
+    assert set(record["old_tasks_check"]) == {"rev", "lm"}  # checked before training, too
+    assert all(r["identical"] for r in record["old_tasks_check"].values())
 
 
 @pytest.mark.slow
