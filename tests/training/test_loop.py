@@ -146,3 +146,17 @@ def test_kill_9_then_moe_train_resumes_and_finishes(tmp_path):
     assert result.returncode == 0, result.stderr
     assert f"resuming from step {latest}" in result.stderr
     assert Checkpointer(ckpts, keep=2).latest_step() == latest + 3
+
+
+@pytest.mark.slow
+def test_moe_eval_evaluates_a_named_checkpoint_and_keeps_the_metrics(reference_run):
+    from moe.training.loop import evaluate_checkpoint
+
+    exp, run_dir, _ = reference_run
+    before = (run_dir / "metrics.jsonl").read_text().splitlines()
+    evaluate_checkpoint(exp, run_dir, step=8, split="valid")
+    after = (run_dir / "metrics.jsonl").read_text().splitlines()
+    assert after[: len(before)] == before and len(after) == len(before) + 1
+    summary = json.loads((run_dir / "eval" / "summary.json").read_text())
+    assert summary["step"] == 8 and summary["split"] == "valid"
+    assert summary["tasks"]["rev"]["perplexity"] > 1
