@@ -27,7 +27,7 @@ old experts followed by the new experts' exact zeros: XLA:CPU adds those zeros w
 the sum when both expert counts take the same vectorised reduction (8->12 as in the experiment,
 4->6, 8->16, 12->16; not 4->8, 6->10, 16->32: last-bit differences), and then logits,
 perplexity and decodes are bit-identical (tested in ``tests/training/test_grow.py``, measured in
-docs/results_pathways.md; ``grow.json`` records a check before training and
+docs/results.md (pathways section); ``grow.json`` records a check before training and
 the comparison for every grown run). Not guaranteed: batches that mix old and new tasks under a
 finite capacity (token choice fills an old expert's slots in token order, so a new task sharing
 that expert can take slots an old token had) and the auxiliary losses (averaged over all
