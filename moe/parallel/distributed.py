@@ -181,7 +181,7 @@ def launch(
     ) as proc:
         for line in proc.stdout:
             tail.append(line)
-            if not line.startswith("[Gloo] Rank"):  # gloo's per-device connection chatter
+            if "connected peer ranks" not in line:  # gloo's per-device connection chatter
                 sys.stderr.write(line)
         status = proc.wait()
     if status:
