@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
@@ -106,13 +105,12 @@ def learning_rate(exp: Experiment) -> optax.Schedule:
     return inverse_sqrt
 
 
-def build_optimizer(exp: Experiment, trainable_mask=None) -> optax.GradientTransformation:
+def build_optimizer(exp: Experiment) -> optax.GradientTransformation:
     """optax chain: clip -> optimizer with the schedule.
 
     Freezing: with frozen tasks in ``exp`` (a grown model), only the rows the unfrozen tasks
     own train (``pathways.selector``; ``freeze.train_only``: no optimizer state and bit-exact
-    zero updates for the rest, clipping over the trainable gradients). ``trainable_mask`` (a
-    pytree of bools like the params) instead freezes the False leaves whole."""
+    zero updates for the rest, clipping over the trainable gradients)."""
     t = exp.train
     lr = learning_rate(exp)
     if t.optimizer == "adam":
@@ -123,12 +121,7 @@ def build_optimizer(exp: Experiment, trainable_mask=None) -> optax.GradientTrans
         opt = optax.adafactor(lr, clipping_threshold=1.0, multiply_by_parameter_scale=False)
     parts = [optax.clip_by_global_norm(t.grad_clip)] if t.grad_clip > 0 else []
     chain = optax.chain(*parts, opt)
-    if trainable_mask is not None:
-        leaves = jax.tree_util.tree_leaves_with_path(trainable_mask)
-        keep = {jax.tree_util.keystr(path): bool(v) for path, v in leaves}
-        select = lambda path, _: keep[jax.tree_util.keystr(path)]
-    else:
-        select = pathways.selector(exp)
+    select = pathways.selector(exp)
     if select is None:
         return chain
     abstract = nnx.split(nnx.eval_shape(lambda: build_model(exp)), nnx.Param)[1]

@@ -23,8 +23,6 @@ from moe.training import evaluate
 from moe.training.step import LossWeights, eval_step
 from moe.training.vocab import BOS_ID, EOS_ID
 
-_EVAL_CACHE: dict[Any, Any] = {}
-
 
 def _rows(host: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """This process's contiguous share of a global batch's rows."""
@@ -34,12 +32,12 @@ def _rows(host: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def _eval_fn(exp, placement, graphdef, num_tasks):
-    key = ("eval", id(graphdef), id(placement))
-    if key not in _EVAL_CACHE:
+    key = ("eval", graphdef)
+    if key not in placement.programs:
         weights = LossWeights(aux=exp.moe.aux_loss_weight, z=exp.moe.z_loss_weight)
         fn = functools.partial(eval_step, graphdef=graphdef, weights=weights, num_tasks=num_tasks)
-        _EVAL_CACHE[key] = placement.jit(fn)
-    return _EVAL_CACHE[key]
+        placement.programs[key] = placement.jit(fn)
+    return placement.programs[key]
 
 
 def perplexities(exp, data, placement, graphdef, params, split, max_batches=None):
@@ -73,9 +71,9 @@ def perplexities(exp, data, placement, graphdef, params, split, max_batches=None
 
 
 def _decoder(exp, placement, graphdef, data):
-    key = ("decode", id(graphdef), id(placement))
-    if key in _EVAL_CACHE:
-        return _EVAL_CACHE[key]
+    key = ("decode", graphdef)
+    if key in placement.programs:
+        return placement.programs[key]
     bos, eos = BOS_ID, EOS_ID
     ev = exp.eval
 
@@ -105,8 +103,8 @@ def _decoder(exp, placement, graphdef, data):
             encode_fn, decode_fn, src, max_len=ev.max_decode_length, bos_id=bos, eos_id=eos
         )
 
-    _EVAL_CACHE[key] = placement.jit(run)
-    return _EVAL_CACHE[key]
+    placement.programs[key] = placement.jit(run)
+    return placement.programs[key]
 
 
 def decode_task(exp, data, placement, graphdef, params, ti, split):

@@ -27,6 +27,9 @@ from moe.training import state as state_lib
 class Placement:
     mesh: Mesh
     state_shardings: Any = None
+    # Jitted evaluation/decoding programs of this run, by (kind, graphdef): one per run,
+    # dropped with it (they close over the run's eval settings).
+    programs: dict[Any, Callable] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def for_experiment(cls, exp: Experiment) -> Placement:
