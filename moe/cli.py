@@ -1,4 +1,4 @@
-"""`moe` command line: train | eval | report | config | launch | pod | bench.
+"""`moe` command line: train | eval | report | config | launch | pod | pathways | extract | grow.
 
 This is the only module that reads argv and the environment. It sets up the simulated pod's
 virtual devices *before* JAX is imported, so nothing heavy is imported at module level here.
@@ -187,22 +187,21 @@ def _dispatch(args, argv: list[str]) -> int:
 
         run_dir = Path(args.run_dir) if args.run_dir else Path(exp.runs_dir) / exp.name
         train(exp, run_dir, progress=not args.no_progress and sys.stderr.isatty())
+        _report(run_dir)
         return 0
     if args.command in ("eval", "report"):
         run_dir = Path(args.run_dir)
         if not (run_dir / "config.yaml").is_file():
             raise UserError(f"{run_dir} is not a run directory (no config.yaml)")
         if args.command == "report":
-            from moe.training.report import build
-
-            build(run_dir)
-            print(f"report: {run_dir / 'report.md'}")
+            _report(run_dir, to=sys.stdout)
             return 0
         exp = _load(str(run_dir / "config.yaml"), [])
         _start_jax(exp)
         from moe.training.loop import evaluate_checkpoint
 
-        evaluate_checkpoint(exp, run_dir, step=args.step, split=args.split)
+        evaluate_checkpoint(run_dir, step=args.step, split=args.split)
+        _report(run_dir)
         return 0
     if args.command in ("pathways", "extract", "grow"):
         return _pathway_command(args)
@@ -213,7 +212,7 @@ def _dispatch(args, argv: list[str]) -> int:
             overrides += [f"pod.topology={topology}", f"pod.slice={shape}", "pod.processes=1"]
         exp = _load(args.config, overrides)
         _start_jax(exp)
-        from moe.pod.plan import plan
+        from moe.training.projection import plan
 
         print(plan(exp))
         return 0
@@ -228,24 +227,24 @@ def _run_config(run_dir: str):
 
 
 def _pathway_command(args) -> int:
-    """`moe pathways | extract | grow` (moe.training.pathways, extract, grow)."""
+    """`moe pathways | extract | grow` (moe.pathways.usage, extract, grow)."""
     exp = _run_config(args.run_dir)
     if args.command == "pathways":
-        import json
+        from moe import runfiles
+        from moe.pathways.usage import describe
 
-        from moe.training.pathways import describe
-
-        summary = Path(args.run_dir) / "eval" / "summary.json"
-        if not summary.is_file():
-            raise UserError(f"{summary} is missing; run `moe eval {args.run_dir}` first")
-        usage = json.loads(summary.read_text(encoding="utf-8")).get("expert_usage", {})
+        path = Path(args.run_dir) / "eval" / "summary.json"
+        summary, problem = runfiles.read_json(path, runfiles.EvalSummary)
+        if problem:
+            raise UserError(f"{path} is {problem}; run `moe eval {args.run_dir}` first")
+        usage = summary.expert_usage
         if not 0 < args.coverage <= 1:
             raise UserError(f"--coverage {args.coverage} must be in (0, 1]")
         print(describe(exp, usage, args.coverage, as_yaml=args.yaml))
         return 0
     _start_jax(exp)  # one process holding all of the pod's devices
     if args.command == "extract":
-        from moe.training.extract import extract
+        from moe.pathways.extract import extract
 
         m = extract(Path(args.run_dir), args.task, args.out and Path(args.out), args.step)
         kept = ", ".join(f"{k}: {len(v)}/{m['experts_before'][k]}" for k, v in m["experts"].items())
@@ -254,10 +253,9 @@ def _pathway_command(args) -> int:
             f"{m['params_after'] / 1e6:.3f}M parameters (experts {kept}) in {m['out']}"
         )
         return 0
-    from moe import config as cfg
-    from moe.training import grow
+    from moe.pathways import grow
 
-    gf = cfg.load_grow(args.config, args.overrides)
+    gf = grow.load_grow_file(args.config, args.overrides)
     say = lambda *a, **k: print(*a, file=sys.stderr, **k)
     run_dir = grow.prepare_grown_run(Path(args.run_dir), gf, args.config, say=say)
     if args.no_train:
@@ -277,12 +275,26 @@ def _pathway_command(args) -> int:
         from moe.training.loop import train
 
         train(child, run_dir, progress=not args.no_progress and sys.stderr.isatty())
-    rows = grow.finish(run_dir)
+    rows = grow.compare_old_tasks(run_dir)
+    _report(run_dir)
     same = sum(r["identical"] is True for r in rows.values())
     unknown = sum(r["identical"] is None for r in rows.values())
     note = f" ({unknown} not comparable: eval settings differ)" if unknown else ""
     print(f"grown run {run_dir}: {same}/{len(rows)} old task(s) evaluate bit-identically{note}")
     return 0
+
+
+def _report(run_dir: Path, to=sys.stderr) -> None:
+    """Build the run's report (rank 0 only: the others have nothing to add)."""
+    from moe.report.build import build
+
+    if _rank() == 0:
+        build(run_dir)
+        print(f"moe: report: {run_dir / 'report.md'}", file=to)
+
+
+def _rank() -> int:
+    return int(os.environ.get("OMPI_COMM_WORLD_RANK", os.environ.get("PMI_RANK", "0")))
 
 
 def _start_jax(exp) -> None:

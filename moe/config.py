@@ -8,7 +8,6 @@ whose message is one line naming the file/override and the key.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,14 +21,15 @@ from pydantic import (
 
 from moe import config_io
 from moe.config_io import ConfigError as ConfigError  # re-exported: cfg.ConfigError
+from moe.parallel.axes import resolve_mesh_shape
 from moe.pod.topology import get_slice
 
 
-class _Section(BaseModel):
+class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 
 
-class ModelConfig(_Section):
+class ModelConfig(Section):
     kind: Literal["encoder_decoder", "decoder_only"] = Field(
         "encoder_decoder",
         description="encoder_decoder serves translate and lm tasks (lm uses the decoder); "
@@ -50,7 +50,7 @@ class ModelConfig(_Section):
 RoutingInput = Literal["token", "task", "token+task"]
 
 
-class RoutingInputs(_Section):
+class RoutingInputs(Section):
     """What the routers of each stack see (Kudugunta et al. 2021 §3.1, papers §6)."""
 
     encoder: RoutingInput = Field(
@@ -62,7 +62,7 @@ class RoutingInputs(_Section):
     decoder: RoutingInput = Field("token", description="As `encoder`, for decoder MoE layers.")
 
 
-class MoeConfig(_Section):
+class MoeConfig(Section):
     num_experts: int = Field(8, ge=1, description="Experts per MoE layer.")
     every: int = Field(
         2, ge=0, description="MoE replaces every n-th feed-forward (n=2: GShard); 0 = dense model."
@@ -114,8 +114,12 @@ class MoeConfig(_Section):
     def _one_input_for_both(cls, value: Any) -> Any:
         return {"encoder": value, "decoder": value} if isinstance(value, str) else value
 
+    def router_of(self, stack: str) -> str:
+        """The routing rule of the MoE layers of ``stack`` ('encoder' | 'decoder')."""
+        return (self.decoder_router if stack == "decoder" else None) or self.router
 
-class PodConfig(_Section):
+
+class PodConfig(Section):
     topology: str = Field("cpu", description="Pod catalogue entry: cpu, tpu-v2..v5e, gpu-h100.")
     slice: str | None = Field(None, description="Slice shape, e.g. 4x4 or 2x2x4; None = 1 chip.")
 
@@ -132,18 +136,32 @@ class PodConfig(_Section):
 
     @model_validator(mode="after")
     def _axes(self) -> PodConfig:
-        unknown = sorted(set(self.mesh) - {"data", "expert", "model"})
-        if unknown:
-            raise ValueError(f"unknown mesh axis {unknown[0]!r}; axes are data, expert, model")
-        if sum(1 for v in self.mesh.values() if v == -1) > 1:
-            raise ValueError("at most one mesh axis may be -1")
-        if any(v == 0 or v < -1 for v in self.mesh.values()):
-            raise ValueError("mesh axis sizes must be positive (or -1 for the rest)")
-        get_slice(self.topology, self.slice)  # unknown topology or slice: one clear line
+        _ = self.mesh_shape  # an unknown topology, slice or axis, or sizes that miss: one line
+        if self.num_devices % self.processes:
+            raise ValueError(
+                f"pod.processes={self.processes} does not divide the {self.num_devices} devices"
+            )
         return self
 
+    @property
+    def num_devices(self) -> int:
+        """Number of (virtual) devices the pod slice has: the product of the slice dims."""
+        return get_slice(self.topology, self.slice).num_chips
 
-class TaskConfig(_Section):
+    @property
+    def mesh_shape(self) -> dict[str, int]:
+        """Mesh axis sizes with -1 resolved (``moe.parallel.axes.resolve_mesh_shape``, the one
+        resolution), in the order data, expert[, model]."""
+        try:
+            return resolve_mesh_shape(self.mesh, self.num_devices)
+        except ValueError as err:
+            raise ValueError(
+                f"pod.mesh: {err} of the pod ({self.topology}:{self.slice or 1}); set one axis "
+                "to -1 or change pod.slice"
+            ) from None
+
+
+class TaskConfig(Section):
     name: str = Field(min_length=1, description="Task name used in metrics and reports.")
     kind: Literal["lm", "translate"] = Field(description="lm or translate.")
     source: str = Field(
@@ -168,7 +186,7 @@ class TaskConfig(_Section):
     )
 
 
-class DataConfig(_Section):
+class DataConfig(Section):
     locale_dir: str = Field("/usr/share/locale", description="Root of gettext catalogues.")
     valid_fraction: float = Field(0.02, gt=0.0, lt=0.5, description="Held-out validation share.")
     test_fraction: float = Field(0.02, gt=0.0, lt=0.5, description="Held-out test share.")
@@ -176,13 +194,13 @@ class DataConfig(_Section):
     cache_dir: str = Field(".cache/moe", description="Vocabulary and token-store cache.")
 
 
-class MixtureConfig(_Section):
+class MixtureConfig(Section):
     temperature: float = Field(
         5.0, gt=0.0, description="q_i ∝ p_i^(1/T): 1 = proportional, large = uniform."
     )
 
 
-class TrainConfig(_Section):
+class TrainConfig(Section):
     steps: int = Field(300, gt=0, description="Optimizer steps.")
     batch_size: int = Field(32, gt=0, description="Global batch size (examples).")
     optimizer: Literal["adam", "adamw", "adafactor"] = Field("adam", description="optax optimizer.")
@@ -204,7 +222,7 @@ class TrainConfig(_Section):
     )
 
 
-class EvalConfig(_Section):
+class EvalConfig(Section):
     every: int = Field(100, ge=0, description="Steps between evaluations; 0 = only at the end.")
     batches: int = Field(4, gt=0, description="Held-out batches for perplexity during training.")
     batch_size: int = Field(32, gt=0, description="Evaluation batch size.")
@@ -215,12 +233,12 @@ class EvalConfig(_Section):
     max_decode_length: int = Field(48, gt=1, description="Longest decoded target.")
 
 
-class CheckpointConfig(_Section):
+class CheckpointConfig(Section):
     every: int = Field(100, ge=0, description="Steps between checkpoints; 0 = only at the end.")
     keep: int = Field(2, ge=1, description="Newest checkpoints kept.")
 
 
-class Experiment(_Section):
+class Experiment(Section):
     name: str = Field("experiment", min_length=1, description="Run name: runs/<name>/.")
     runs_dir: str = Field("runs", description="Parent directory of run directories.")
     model: ModelConfig = ModelConfig()
@@ -254,7 +272,7 @@ class Experiment(_Section):
         if moe.every:
             if moe.top_k > moe.num_experts:
                 raise ValueError(f"moe.top_k={moe.top_k} exceeds moe.num_experts={moe.num_experts}")
-            decoder_router = moe.decoder_router or moe.router
+            decoder_router = moe.router_of("decoder")
             if decoder_router == "expert_choice":
                 field = "moe.decoder_router" if moe.decoder_router else "moe.router"
                 raise ValueError(
@@ -318,35 +336,15 @@ class Experiment(_Section):
         e = self.experts_in(layer)
         if not ids or len(set(ids)) != len(ids) or not all(0 <= x < e for x in ids):
             raise ValueError(f"{where}={ids} must be distinct expert ids in [0, {e}) of {layer}")
-        router = (
-            self.moe.decoder_router if layer.startswith("decoder") else None
-        ) or self.moe.router
+        router = self.moe.router_of(layer.split("/")[0])
         if router in ("token_choice", "noisy") and len(ids) < self.moe.top_k:
             raise ValueError(
                 f"{where} has {len(ids)} expert(s), fewer than moe.top_k={self.moe.top_k}"
             )
 
     def _check_mesh(self) -> None:
-        devices = self.pod_devices
-        sizes = dict(self.pod.mesh)
-        known = math.prod(v for v in sizes.values() if v != -1)
-        if devices % known:
-            raise ValueError(
-                f"pod.mesh={sizes} does not divide the {devices} devices of the pod "
-                f"({self.pod.topology}:{self.pod.slice or 1})"
-            )
-        free = [k for k, v in sizes.items() if v == -1]
-        if not free and known != devices:
-            raise ValueError(
-                f"pod.mesh={sizes} uses {known} devices but the pod has {devices}; "
-                "set one axis to -1 or change pod.slice"
-            )
         mesh = self.mesh_shape
-        if devices % self.pod.processes:
-            raise ValueError(
-                f"pod.processes={self.pod.processes} does not divide the {devices} devices"
-            )
-        ep = mesh.get("expert", 1)
+        ep, tp = mesh.get("expert", 1), mesh.get("model", 1)
         if self.moe.every and self.moe.num_experts % ep:
             raise ValueError(
                 f"moe.num_experts={self.moe.num_experts} is not divisible by the expert axis "
@@ -358,6 +356,15 @@ class Experiment(_Section):
                     f"moe.layer_experts.{layer}={e} is not divisible by the expert axis ({ep}); "
                     "set pod.mesh.expert=1"
                 )
+        for key, value in (
+            ("model.d_ff", self.model.d_ff),
+            ("model.num_heads", self.model.num_heads),
+            ("model.vocab_size", self.model.vocab_size),
+        ):
+            if value % tp:
+                raise ValueError(f"{key}={value} is not divisible by the model axis ({tp})")
+        # Each data x expert device routes its own rows (one routing group per device), and
+        # each process feeds an equal share of them.
         shards = mesh.get("data", 1) * ep
         micro = self.train.batch_size // self.train.grad_accum
         if micro % shards:
@@ -365,61 +372,21 @@ class Experiment(_Section):
                 f"train.batch_size={self.train.batch_size} (per micro-batch {micro}) is not "
                 f"divisible by the data x expert devices ({shards})"
             )
+        if self.eval.batch_size % shards:
+            raise ValueError(
+                f"eval.batch_size={self.eval.batch_size} is not divisible by the data x expert "
+                f"devices ({shards}); each device routes its own rows"
+            )
 
     @property
     def pod_devices(self) -> int:
         """Number of (virtual) devices the pod slice has: the product of the slice dims."""
-        return get_slice(self.pod.topology, self.pod.slice).num_chips
+        return self.pod.num_devices
 
     @property
     def mesh_shape(self) -> dict[str, int]:
         """Mesh axis sizes with -1 resolved, in the canonical order data, expert[, model]."""
-        sizes = dict(self.pod.mesh)
-        known = math.prod(v for v in sizes.values() if v != -1)
-        for k, v in sizes.items():
-            if v == -1:
-                sizes[k] = self.pod_devices // known
-        order = [a for a in ("data", "expert", "model") if a in sizes]
-        return {a: sizes[a] for a in order}
-
-
-class GrowSpec(_Section):
-    """How ``moe grow`` extends a trained model (μ2Net-style cloning, papers §7.2)."""
-
-    task: str = Field(
-        min_length=1,
-        description="The task to add: a task of the parent run reserved with weight 0 (its "
-        "text is already in the shared vocabulary).",
-    )
-    add_experts: int = Field(ge=1, description="New experts per MoE layer (trainable).")
-    share_experts: int = Field(
-        2,
-        ge=0,
-        description="Old experts per layer in the new task's pathway (frozen): the ones its "
-        "data routes to most, after the ones the new experts clone.",
-    )
-    probe_batches: int = Field(
-        8, ge=1, description="Batches of the new task's training data used to measure routing."
-    )
-
-
-class GrowFile(_Section):
-    """A ``moe grow --config`` file: the new run's name, the growth, and training settings
-    merged over the parent's (model, moe, tasks, data and pod come from the parent)."""
-
-    name: str = Field(min_length=1, description="Name of the grown run: <runs_dir>/<name>/.")
-    runs_dir: str | None = Field(None, description="Default: the parent run's runs_dir.")
-    grow: GrowSpec
-    train: dict[str, Any] = Field(default_factory=dict, description="Overrides of train.*.")
-    eval: dict[str, Any] = Field(default_factory=dict, description="Overrides of eval.*.")
-    checkpoint: dict[str, Any] = Field(
-        default_factory=dict, description="Overrides of checkpoint.*."
-    )
-
-
-def load_grow(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> GrowFile:
-    """Load a grow file (``extends:`` and ``key.path=value`` overrides as for experiments)."""
-    return config_io.load(GrowFile, path, overrides)
+        return self.pod.mesh_shape
 
 
 def _layers(layers: list[str]) -> str:

@@ -33,7 +33,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-import moe.layers  # noqa: F401  (turns off eager variable sharding before modules are built)
 from moe.layers.dense import DenseFFN
 from moe.layers.experts import apply_experts
 from moe.layers.moe import MoeBlock, MoeSpec

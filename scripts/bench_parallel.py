@@ -44,7 +44,6 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
-import moe.layers  # noqa: E402, F401
 from moe.layers.moe import MoeBlock, MoeSpec  # noqa: E402
 from moe.parallel.mesh import build_mesh  # noqa: E402
 from moe.pod.calibrate import calibrate_cpu  # noqa: E402
@@ -72,7 +71,7 @@ def build_step(case):
     """The jitted fwd+bwd of one MoE block on the case's mesh, and its arguments."""
     d, f, e, batch, seq, data, ep = case
     mesh = build_mesh({"data": data, "expert": ep}, jax.devices()[: data * ep])
-    spec = MoeSpec(num_experts=e, top_k=2, capacity_factor_train=1.25)
+    spec = MoeSpec(num_experts=e, top_k=2, capacity_factor_train=1.25, routing_groups="device")
     graph, state = nnx.split(MoeBlock(d, f, spec, causal=False, rngs=nnx.Rngs(0)))
     x = jax.random.normal(jax.random.key(1), (batch, seq, d))
     ct = jax.random.normal(jax.random.key(2), (batch, seq, d))

@@ -2,7 +2,7 @@
 
     python scripts/grow_compare.py runs/grow_base runs/grow_pt runs/grow_joint [--json out.json]
 
-Reads the three run directories (their config.yaml, train_summary.json, eval/summary.json and
+Reads the three run directories (their train_summary.json, eval/summary.json, metrics.jsonl and
 the grown run's grow.json) and prints a JSON record and a markdown table: the new task's BLEU
 and perplexity in the grown and the joint model, the compute each path used (optimizer steps,
 target tokens, and steps x FLOPs of one compiled train step, per device, from XLA's cost
@@ -15,55 +15,48 @@ import argparse
 import json
 from pathlib import Path
 
-import yaml
+from moe import runfiles as rf
 
 
-def _load(run: Path, name: str) -> dict:
-    path = run / name
-    if not path.is_file():
-        raise SystemExit(f"{path} is missing")
-    text = path.read_text(encoding="utf-8")
-    return yaml.safe_load(text) if name.endswith(".yaml") else json.loads(text)
+def _read(run: Path, name: str, model):
+    value, problem = rf.read_json(run / name, model)
+    if problem:
+        raise SystemExit(f"{run / name} is {problem}")
+    return value
 
 
 def _compute(run: Path, task: str | None = None) -> dict:
     """Steps, target tokens (all tasks, or ``task``'s share by examples seen) and FLOPs."""
-    ts = _load(run, "train_summary.json")
-    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    train = [x for x in lines if x.get("kind") == "train"]
-    every = train[1]["step"] - train[0]["step"] if len(train) > 1 else 1
-    tokens = sum(sum(t["tokens"] for t in x["tasks"].values()) for x in train) * every
-    task_tokens = sum(x["tasks"].get(task, {}).get("tokens", 0) for x in train) * every
-    flops = (ts.get("pod", {}).get("projected_breakdown") or {}).get("flops")
+    ts = _read(run, "train_summary.json", rf.TrainSummary)
+    train, _, _ = rf.read_metrics(run / "metrics.jsonl")
+    every = train[1].step - train[0].step if len(train) > 1 else 1
+    tokens = sum(sum(t.tokens or 0 for t in x.tasks.values()) for x in train) * every
+    task_tokens = sum((x.tasks[task].tokens or 0) for x in train if task in x.tasks) * every
+    flops = (ts.pod.projected_breakdown if ts.pod else {}).get("flops")
     return {
-        "steps": ts["steps"],
-        "wall_time_s": ts.get("wall_time_s"),
-        "step_time_ms": ts.get("step_time_ms"),
+        "steps": ts.steps,
+        "wall_time_s": ts.wall_time_s,
+        "step_time_ms": ts.step_time_ms,
         "target_tokens_est": tokens,  # logged steps x log interval: an estimate
         "new_task_tokens_est": task_tokens if task else None,
         "flops_per_step": flops,
-        "flops": flops * ts["steps"] if flops else None,
-        "examples_seen": ts.get("examples_seen"),
+        "flops": flops * ts.steps if flops else None,
+        "examples_seen": ts.examples_seen,
     }
 
 
 def compare(base: Path, grown: Path, joint: Path) -> dict:
-    record = _load(grown, "grow.json")
+    record = json.loads((grown / "grow.json").read_text(encoding="utf-8"))
     task = record["task"]
-    g_eval = _load(grown, "eval/summary.json")["tasks"]
-    j_eval = _load(joint, "eval/summary.json")["tasks"]
-    b_eval = _load(base, "eval/summary.json")["tasks"]
+    g_eval, j_eval, b_eval = (
+        _read(run, "eval/summary.json", rf.EvalSummary).tasks for run in (grown, joint, base)
+    )
+    scores = lambda t: {"bleu": t.bleu, "perplexity": t.perplexity}  # noqa: E731
     out = {
         "task": task,
-        "grown": {
-            **{k: g_eval[task].get(k) for k in ("bleu", "perplexity")},
-            **_compute(grown, task),
-        },
-        "joint": {
-            **{k: j_eval[task].get(k) for k in ("bleu", "perplexity")},
-            **_compute(joint, task),
-        },
-        "base": {**{k: b_eval[task].get(k) for k in ("bleu", "perplexity")}, **_compute(base)},
+        "grown": {**scores(g_eval[task]), **_compute(grown, task)},
+        "joint": {**scores(j_eval[task]), **_compute(joint, task)},
+        "base": {**scores(b_eval[task]), **_compute(base)},
         "old_tasks": {},
     }
     g, j = out["grown"], out["joint"]
@@ -77,7 +70,7 @@ def compare(base: Path, grown: Path, joint: Path) -> dict:
             "ppl_before": row["before"]["perplexity"],
             "ppl_after": row["after"]["perplexity"],
             "identical": row["identical"],
-            "bleu_joint": j_eval.get(name, {}).get("bleu"),
+            "bleu_joint": j_eval[name].bleu if name in j_eval else None,
         }
     return out
 

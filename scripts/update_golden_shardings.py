@@ -1,4 +1,4 @@
-"""Rewrite tests/parallel/golden/<config>.json: the partition specs of every experiment config.
+"""Rewrite tests/training/golden/<config>.json: the partition specs of every experiment config.
 
 Run after an intended change of shardings, review the diff, commit it:
     .venv/bin/python scripts/update_golden_shardings.py
@@ -14,9 +14,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from moe import config as cfg  # noqa: E402
-from moe.parallel.golden import state_specs  # noqa: E402
+from moe.training.sharding import state_specs  # noqa: E402
 
-GOLDEN = ROOT / "tests" / "parallel" / "golden"
+GOLDEN = ROOT / "tests" / "training" / "golden"
 
 
 def experiment_configs() -> list[Path]:

@@ -85,6 +85,19 @@ def test_cross_field_checks_name_both_fields_and_the_fix(tmp_path):
         cfg.load(path, ["train.batch_size=30", "pod.slice=4x2", "pod.mesh={data: -1, expert: 4}"])
 
 
+def test_mesh_divisibility_names_the_field_and_the_axis(tmp_path):
+    path = write(tmp_path, yaml.safe_dump(BASE))
+    mesh = ["pod.slice=2x2x2", "pod.mesh={data: 2, expert: 2, model: 2}"]
+    with pytest.raises(cfg.ConfigError, match=r"model.d_ff=7 .* model axis \(2\)"):
+        cfg.load(path, [*mesh, "model.d_ff=7"])
+    with pytest.raises(cfg.ConfigError, match=r"eval.batch_size=10 .* \(4\)"):
+        cfg.load(path, [*mesh, "train.batch_size=16", "eval.batch_size=10"])
+    with pytest.raises(cfg.ConfigError, match=r"pod.processes=3 does not divide the 8 devices"):
+        cfg.load(path, [*mesh, "pod.processes=3"])
+    with pytest.raises(cfg.ConfigError, match=r"pod.mesh: .*uses 4 devices but there are 8"):
+        cfg.load(path, ["pod.slice=2x2x2", "pod.mesh={data: 2, expert: 2}"])
+
+
 def test_mesh_minus_one_takes_the_rest_of_the_slice(tmp_path):
     exp = cfg.load(
         write(tmp_path, yaml.safe_dump(BASE)), ["pod.slice=4x4", "pod.mesh={data: -1, expert: 4}"]

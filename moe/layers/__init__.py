@@ -1,7 +1,4 @@
-"""Flax NNX modules. Parameters carry *logical* axis names (``out_sharding=('embed', 'mlp')``);
-``moe.parallel.axes`` maps them onto mesh axes. Sharding is applied by ``moe.parallel``, not at
-variable creation, so Flax's eager variable sharding is turned off here."""
-
-import flax
-
-flax.config.update("flax_always_shard_variable", False)
+"""Flax NNX modules. Parameters carry *logical* axis names (``out_sharding=('embed', 'mlp')``,
+made by ``params.param``); ``moe.parallel.axes`` maps them onto mesh axes. Sharding is applied by
+``moe.parallel`` and ``moe.training.sharding`` (parameters born sharded), never at variable
+creation: every parameter is created with ``eager_sharding=False``."""

@@ -6,6 +6,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from moe.layers.params import param
+
 _init = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
 
 
@@ -21,7 +23,7 @@ class Attention(nnx.Module):
         self.num_heads, self.head_dim, self.dtype, self.dropout = num_heads, head, dtype, dropout
 
         def kernel(shape, names):
-            return nnx.Param(_init(rngs.params(), shape, jnp.float32), out_sharding=names)
+            return param(_init(rngs.params(), shape, jnp.float32), names)
 
         self.w_q = kernel((d_model, num_heads, head), ("embed", "heads", "kv"))
         self.w_k = kernel((d_model, num_heads, head), ("embed", "heads", "kv"))

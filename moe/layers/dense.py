@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from moe.layers.params import param
+
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "gelu": jax.nn.gelu,  # tanh approximation, as in T5/Switch and flaxformer
     "relu": jax.nn.relu,  # GShard eq. 2: FFN_e(x) = wo_e . ReLU(wi_e . x)
@@ -68,10 +70,10 @@ class DenseFFN(nnx.Module):
         self.dropout_rate = dropout
         self.dtype = dtype
         init = kernel_init(init_scale)
-        self.w_in = nnx.Param(init(rngs.params(), (d_model, d_ff)), out_sharding=("embed", "mlp"))
-        self.b_in = nnx.Param(jnp.zeros((d_ff,)), out_sharding=("mlp",))
-        self.w_out = nnx.Param(init(rngs.params(), (d_ff, d_model)), out_sharding=("mlp", "embed"))
-        self.b_out = nnx.Param(jnp.zeros((d_model,)), out_sharding=("embed",))
+        self.w_in = param(init(rngs.params(), (d_model, d_ff)), ("embed", "mlp"))
+        self.b_in = param(jnp.zeros((d_ff,)), ("mlp",))
+        self.w_out = param(init(rngs.params(), (d_ff, d_model)), ("mlp", "embed"))
+        self.b_out = param(jnp.zeros((d_model,)), ("embed",))
 
     def __call__(self, x: jax.Array, *, train: bool, rngs: nnx.Rngs | None = None) -> jax.Array:
         """``x [..., d] -> [..., d]`` in ``x.dtype``."""

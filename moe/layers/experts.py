@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moe.layers.dense import activation_fn, apply_dropout
+from moe.layers.params import param
 
 
 def apply_experts(
@@ -83,14 +84,10 @@ class ExpertBank(nnx.Module):
             init_scale, "fan_in", "truncated_normal", in_axis=-2, out_axis=-1, batch_axis=(0,)
         )
         e, d, f = num_experts, d_model, d_ff
-        self.w_in = nnx.Param(
-            init(rngs.params(), (e, d, f)), out_sharding=("expert", "embed", "mlp")
-        )
-        self.b_in = nnx.Param(jnp.zeros((e, f)), out_sharding=("expert", "mlp"))
-        self.w_out = nnx.Param(
-            init(rngs.params(), (e, f, d)), out_sharding=("expert", "mlp", "embed")
-        )
-        self.b_out = nnx.Param(jnp.zeros((e, d)), out_sharding=("expert", "embed"))
+        self.w_in = param(init(rngs.params(), (e, d, f)), ("expert", "embed", "mlp"))
+        self.b_in = param(jnp.zeros((e, f)), ("expert", "mlp"))
+        self.w_out = param(init(rngs.params(), (e, f, d)), ("expert", "mlp", "embed"))
+        self.b_out = param(jnp.zeros((e, d)), ("expert", "embed"))
 
     @property
     def num_experts(self) -> int:

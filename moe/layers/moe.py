@@ -2,8 +2,12 @@
 
     y_t = sum_e G(x_t)_e FFN_e(x_t)            (Shazeer et al. 2017 eq. 1; GShard §2.2 eq. 1)
 
-over the ``T = B * S`` tokens of a batch, routed together as one group. Data flow, and where
-expert parallelism (``moe.parallel.expert_parallel``) cuts in::
+over the ``T = B * S`` tokens of a batch. Which tokens are routed together is the spec's
+``routing_groups`` policy, chosen where the experiment becomes objects (``moe.training.build``):
+``"batch"``, all ``T`` tokens one group; ``"device"``, each ``(data, expert)`` device of the
+ambient mesh routes its own rows (GShard's local group dispatching) and the expert buffers
+travel by all-to-all (``moe.parallel.expert_parallel``). Data flow, and where expert parallelism
+cuts in::
 
     x [B, S, d] -> x_td [T, d] --router (float32)--> logits [T, E] --routing.*--> Routing
     dispatch(x_td, slot_token)            -> [E, C, d]   gather by index, empty slot -> 0
@@ -12,10 +16,8 @@ expert parallelism (``moe.parallel.expert_parallel``) cuts in::
         (expert parallelism: all_to_all back)
     combine(y_ecd, slot_token, slot_weight, T) -> [T, d] weighted scatter-add in float32
 
-Nothing here builds a ``[T, E, C]`` one-hot tensor (GShard Algorithm 2's dispatch/combine
-einsums cost ``O(T * E * C * d)``, see ``scripts/bench_moe.py``); dispatch is a gather whose
-backward is a scatter-add of ``E * C`` rows, combine a scatter-add whose backward is a gather.
-A dropped token gets 0 from the block and passes through the residual connection.
+Dispatch and combine are index gathers/scatters (``moe.routing.dispatch``). A dropped token gets
+0 from the block and passes through the residual connection.
 """
 
 from __future__ import annotations
@@ -27,11 +29,15 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moe.layers.dense import DenseFFN
-from moe.layers.experts import ExpertBank
+from moe.layers.experts import ExpertBank, apply_experts
 from moe.layers.router import ROUTERS, Router
-from moe.parallel import expert_parallel
-from moe.routing.result import Routing
+from moe.parallel.axes import logical_to_mesh
+from moe.parallel.expert_parallel import moe_exchange, psum_model, token_groups
+from moe.routing.dispatch import combine, dispatch, restrict_to_allowed
+from moe.routing.result import Routing, RoutingAux
 from moe.routing.token_choice import capacity as expert_capacity
+
+ROUTING_GROUPS = ("batch", "device")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +64,12 @@ class MoeSpec:
         (ST-MoE §5, "add a dense FFN next to each sparse layer").
       router_init_std: normal init std of the router kernel (flaxformer 2e-2, papers §3.4).
       activation: 'gelu' | 'relu' for the experts and the shared expert.
+      routing_groups: 'batch' (the call's tokens are one routing group) or 'device' (each
+        ``(data, expert)`` device of the ambient mesh routes its own rows; the call's rows must
+        divide into that many groups, else ``ValueError``). See the module docstring.
+      capacity_experts: compute the capacity as if the layer had this many experts (0: its
+        own count); a grown or extracted model keeps its original count, so a task routed
+        over the same experts drops the same tokens (``moe grow`` / ``moe extract``).
     """
 
     num_experts: int
@@ -75,8 +87,14 @@ class MoeSpec:
     shared_expert: bool = False
     router_init_std: float = 0.02
     activation: str = "gelu"
+    routing_groups: str = "batch"
+    capacity_experts: int = 0
 
     def __post_init__(self):
+        if self.routing_groups not in ROUTING_GROUPS:
+            raise ValueError(
+                f"routing_groups={self.routing_groups!r} is not one of {ROUTING_GROUPS}"
+            )
         if self.router not in ROUTERS:
             raise ValueError(f"router={self.router!r} is not one of {ROUTERS}")
         if self.num_experts < 1 or self.top_k < 1:
@@ -101,76 +119,15 @@ class MoeSpec:
     def capacity(self, num_tokens: int, *, train: bool) -> int:
         """Slots per expert for ``num_tokens`` tokens routed together (``T`` when dropless)."""
         cf = self.capacity_factor_train if train else self.capacity_factor_eval
-        return expert_capacity(num_tokens, self.num_experts, self.choices_per_token(), cf)
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class MoeAux:
-    """What an MoE block reports besides its output.
-
-    Attributes:
-      aux_loss: float32 scalar, the router's balancing loss, unweighted.
-      z_loss: float32 scalar, the router z-loss (ST-MoE eq. 5), unweighted.
-      stats: dict of float32 arrays for monitoring (the router's, see ``moe.routing.stats``,
-        plus ``capacity``).
-    """
-
-    aux_loss: jax.Array
-    z_loss: jax.Array
-    stats: dict[str, jax.Array]
-
-
-def dispatch(x_td: jax.Array, slot_token: jax.Array) -> jax.Array:
-    """Gather each slot's token: ``x_td [T, d], slot_token int[E, C] -> [E, C, d]``.
-
-    Empty slots (-1) get zeros. The backward pass is a scatter-add of the ``E * C`` rows.
-    """
-    num_tokens = x_td.shape[0]
-    index = jnp.where(slot_token < 0, num_tokens, slot_token)  # -1 -> out of bounds -> 0
-    return jnp.take(x_td, index, axis=0, mode="fill", fill_value=0)  # [E, C, d]
-
-
-def combine(
-    y_ecd: jax.Array, slot_token: jax.Array, slot_weight: jax.Array, num_tokens: int
-) -> jax.Array:
-    """Weighted scatter-add of expert outputs back onto tokens, in float32.
-
-    ``y_t = sum_{(e, c): slot_token[e, c] = t} slot_weight[e, c] * y_ecd[e, c]``; tokens in no
-    slot get 0. ``y_ecd [E, C, d]``, ``slot_token int[E, C]``, ``slot_weight [E, C]`` ->
-    ``float32[T, d]``. Gradients reach ``slot_weight`` (so the router) and ``y_ecd``; the
-    backward pass is two gathers of ``g[slot_token]``.
-    """
-    d = y_ecd.shape[-1]
-    index = jnp.where(slot_token < 0, num_tokens, slot_token).reshape(-1)  # [E*C]
-    rows = y_ecd.astype(jnp.float32) * slot_weight.astype(jnp.float32)[..., None]  # [E, C, d]
-    out = jnp.zeros((num_tokens, d), jnp.float32)
-    return out.at[index].add(rows.reshape(-1, d), mode="drop")  # [T, d]
-
-
-def restrict_to_allowed(routing: Routing, allowed_te: jax.Array) -> Routing:
-    """Empty every slot whose token may not use its expert (``allowed_te bool[T, E]``).
-
-    The router already sees masked logits, but a token with fewer than ``k`` allowed experts, or
-    an expert choosing among too few allowed tokens, would still fill a slot at gate 0; this
-    makes "no masked expert receives a token" hold exactly.
-    """
-    slot_token = routing.slot_token
-    num_experts = slot_token.shape[0]
-    experts = jnp.arange(num_experts)[:, None]  # [E, 1]
-    ok = (slot_token >= 0) & allowed_te[jnp.maximum(slot_token, 0), experts]  # [E, C]
-    return dataclasses.replace(
-        routing,
-        slot_token=jnp.where(ok, slot_token, -1),
-        slot_weight=jnp.where(ok, routing.slot_weight, 0.0),
-    )
+        experts = self.capacity_experts or self.num_experts
+        return expert_capacity(num_tokens, experts, self.choices_per_token(), cf)
 
 
 class MoeBlock(nnx.Module):
     """A feed-forward layer made of ``spec.num_experts`` experts and a router.
 
     ``__call__(x [B, S, d], *, train, rngs=None, token_mask=None, expert_mask=None,
-    router_bias=None) -> (y [B, S, d] in x.dtype, MoeAux)``; ``y`` is the block's contribution
+    router_bias=None) -> (y [B, S, d] in x.dtype, RoutingAux)``; ``y`` is the block's contribution
     (the caller adds the residual), exactly 0 for a token that no expert took.
 
     Precision: router logits, routing, losses and the combine run in float32 from float32
@@ -239,7 +196,7 @@ class MoeBlock(nnx.Module):
         token_mask: jax.Array | None = None,
         expert_mask: jax.Array | None = None,
         router_bias: jax.Array | None = None,
-    ) -> tuple[jax.Array, MoeAux]:
+    ) -> tuple[jax.Array, RoutingAux]:
         """Args:
         x: [B, S, d] token representations.
         train: training mode (jitter, noise, random second expert, expert dropout, and the
@@ -253,40 +210,97 @@ class MoeBlock(nnx.Module):
         batch, seq, d = x.shape
         num_tokens = batch * seq
         x_td = x.reshape(num_tokens, d)  # [T, d]
-        mesh = expert_parallel.expert_mesh()
-        if expert_parallel.can_exchange(mesh, batch, self.spec.num_experts):
-            # Expert parallelism: each (data, expert) device routes its own rows as one group
-            # and the [E, C, d] buffers travel by all_to_all (moe.parallel.expert_parallel).
-            y_td, aux = expert_parallel.block_exchange(
-                self,
-                x,
-                mesh,
-                train=train,
-                rngs=rngs,
-                token_mask=token_mask,
-                expert_mask=expert_mask,
-                router_bias=router_bias,
-            )
+        masks = {"token_mask": token_mask, "expert_mask": expert_mask, "router_bias": router_bias}
+        mesh = jax.sharding.get_abstract_mesh()
+        if self._groups(mesh, batch) > 1:
+            y_td, aux = self._exchange(x, mesh, train, rngs, masks)
         else:
-            y_td, aux = self._local(x_td, train, rngs, token_mask, expert_mask, router_bias)
+            y_td, aux = self._local(x_td, train, rngs, masks)
         if self.shared is not None:
             y_td = y_td + self.shared(x_td, train=train, rngs=rngs).astype(jnp.float32)
         return y_td.reshape(batch, seq, d).astype(x.dtype), aux
 
-    def _local(self, x_td, train, rngs, token_mask, expert_mask, router_bias):
+    def _groups(self, mesh, rows: int) -> int:
+        """Routing groups of a call with ``rows`` rows (module docstring); raises ValueError
+        when the mesh cannot take the spec's policy."""
+        if self.spec.routing_groups == "batch":
+            return 1
+        groups = token_groups(mesh)
+        if groups == 1:
+            return 1
+        shape = dict(mesh.shape)
+        if "expert" not in shape:
+            raise ValueError(f"routing_groups='device' needs an 'expert' mesh axis; mesh {shape}")
+        if rows % groups:
+            raise ValueError(
+                f"MoE block: {rows} rows do not split into the {groups} routing groups of mesh "
+                f"{shape} (one per data x expert device); use a batch size divisible by {groups}"
+            )
+        if self.spec.num_experts % shape["expert"]:
+            raise ValueError(
+                f"MoE block: {self.spec.num_experts} experts do not split over the expert axis "
+                f"({shape['expert']})"
+            )
+        return groups
+
+    def _local(self, x_td, train, rngs, masks):
         """All tokens as one routing group on this program's devices -> (y_td [T, d], aux)."""
         num_tokens = x_td.shape[0]
-        flat = lambda a: None if a is None else a.reshape(num_tokens, *a.shape[2:])
-        routing = self.route(
-            x_td,
-            train=train,
-            rngs=rngs,
-            token_mask=flat(token_mask),
-            expert_mask=flat(expert_mask),
-            router_bias=flat(router_bias),
-        )
+        flat = {
+            k: None if a is None else a.reshape(num_tokens, *a.shape[2:]) for k, a in masks.items()
+        }
+        routing = self.route(x_td, train=train, rngs=rngs, **flat)
         buffers = dispatch(x_td, routing.slot_token).astype(self.dtype)  # [E, C, d]
         y_ecd = self.experts(buffers, train=train, rngs=rngs)  # [E, C, d]
         y_td = combine(y_ecd, routing.slot_token, routing.slot_weight, num_tokens)  # [T, d]
-        stats = {**routing.stats, "capacity": jnp.float32(routing.capacity)}
-        return y_td, MoeAux(aux_loss=routing.aux_loss, z_loss=routing.z_loss, stats=stats)
+        return y_td, routing.aux()
+
+    def _exchange(self, x, mesh, train, rngs, masks):
+        """Expert parallelism: each (data, expert) device routes its own rows as one group and
+        the ``[E, C, d]`` buffers travel by all_to_all (``moe.parallel.expert_parallel``):
+        ``x [B, S, d] -> (y_td [T, d] float32, RoutingAux)`` averaged over the groups.
+
+        Router rngs (jitter, noise, random policy) and expert dropout draw one key each from
+        ``rngs`` here, outside ``shard_map``; each group folds in its index.
+        """
+        spec, bank = self.spec, self.experts
+        extras = {k: v for k, v in masks.items() if v is not None}
+        keys = {}
+        needs_router = (
+            spec.jitter > 0
+            or spec.router == "noisy"
+            or (spec.second_expert_policy == "random" and spec.top_k > 1)
+        )
+        if train and rngs is not None and needs_router:
+            keys["router"] = rngs.router()
+        if train and rngs is not None and bank.dropout_rate > 0:
+            keys["dropout"] = rngs.dropout()
+        names = ("w_in", "b_in", "w_out", "b_out")
+        variables = {n: getattr(bank, n) for n in names}
+        params = {n: v[...] for n, v in variables.items()}
+        specs = {
+            n: logical_to_mesh(v.get_metadata().get("out_sharding"), mesh)
+            for n, v in variables.items()
+        }
+        split_hidden = mesh.shape.get("model", 1) > 1
+
+        def route(x_td, extras_td, keys_l):
+            router_rngs = nnx.Rngs(router=keys_l["router"]) if "router" in keys_l else None
+            return self.route(x_td, train=train, rngs=router_rngs, **extras_td)
+
+        def experts(p, recv, keys_l):
+            b_out = jnp.zeros_like(p["b_out"]) if split_hidden else p["b_out"]
+            y = apply_experts(
+                p["w_in"], p["b_in"], p["w_out"], b_out, recv,
+                activation=bank.activation, dtype=bank.dtype, dropout=bank.dropout_rate,
+                dropout_key=keys_l.get("dropout"),
+            )  # fmt: skip
+            if split_hidden:  # partial sums over the hidden units of this model shard
+                y = psum_model(y) + p["b_out"].astype(y.dtype)[:, None, :]
+            return y
+
+        y, aux = moe_exchange(
+            x, mesh=mesh, route=route, experts=experts, expert_params=params,
+            expert_specs=specs, extras=extras, key=keys,
+        )  # fmt: skip
+        return y.reshape(-1, y.shape[-1]), aux  # [T, d]

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from moe.layers.params import param
 from moe.routing import expert_choice, hierarchical, noisy, token_choice
 from moe.routing.result import Routing
 
@@ -45,15 +46,11 @@ class Router(nnx.Module):
         init = jax.nn.initializers.normal(spec.router_init_std)
         e = spec.num_experts
         axes = ("embed", None)
-        self.w_gate = nnx.Param(init(rngs.params(), (d_model, e)), out_sharding=axes)
+        self.w_gate = param(init(rngs.params(), (d_model, e)), axes)
         noisy_gate, two_level = spec.router == "noisy", spec.router == "hierarchical"
-        self.w_noise = nnx.data(
-            nnx.Param(jnp.zeros((d_model, e)), out_sharding=axes) if noisy_gate else None
-        )
+        self.w_noise = nnx.data(param(jnp.zeros((d_model, e)), axes) if noisy_gate else None)
         self.w_primary = nnx.data(
-            nnx.Param(init(rngs.params(), (d_model, spec.num_groups)), out_sharding=axes)
-            if two_level
-            else None
+            param(init(rngs.params(), (d_model, spec.num_groups)), axes) if two_level else None
         )
 
     def __call__(

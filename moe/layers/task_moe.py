@@ -1,40 +1,18 @@
-"""MoE blocks for task pathways: routing by task alone, and capacity fixed across growth.
+"""An MoE block for task pathways: routing by task alone.
 
-Two small extensions of :mod:`moe.layers.moe`, used by :mod:`moe.layers.transformer`:
-
-- :class:`TaskRoutedMoeBlock` routes on a learned task embedding only (Task-MoE, Kudugunta et
-  al. 2021 §3.1 "task-level" routing, ``G_{s,E} = GATE(task_id_s)``; lingvo ``TaskTop2Gating``,
-  papers §6.2). Every token of a task has the same router input, so (in evaluation) the same
-  experts: the task's sub-network is static and can be extracted.
-- :class:`PathwayMoeSpec` computes the expert capacity as if the layer had
-  ``capacity_experts`` experts. A grown model (more experts) or an extracted one (fewer) keeps
-  its original capacity, so a task routed over the same experts drops the same tokens.
+:class:`TaskRoutedMoeBlock` routes on a learned task embedding only (Task-MoE, Kudugunta et
+al. 2021 §3.1 "task-level" routing, ``G_{s,E} = GATE(task_id_s)``; lingvo ``TaskTop2Gating``,
+papers §6.2). Every token of a task has the same router input, so (in evaluation) the same
+experts: the task's sub-network is static and can be extracted. (A grown or extracted model
+keeps its original capacity through ``MoeSpec.capacity_experts``.)
 """
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 
-from moe.layers.moe import MoeBlock, MoeSpec
+from moe.layers.moe import MoeBlock
 from moe.routing.result import Routing
-from moe.routing.token_choice import capacity as expert_capacity
-
-
-@dataclasses.dataclass(frozen=True)
-class PathwayMoeSpec(MoeSpec):
-    """A :class:`MoeSpec` whose capacity is ``ceil(cf * k * T / capacity_experts)``.
-
-    ``capacity_experts = 0`` means ``num_experts`` (the plain rule).
-    """
-
-    capacity_experts: int = 0
-
-    def capacity(self, num_tokens: int, *, train: bool) -> int:
-        cf = self.capacity_factor_train if train else self.capacity_factor_eval
-        experts = self.capacity_experts or self.num_experts
-        return expert_capacity(num_tokens, experts, self.choices_per_token(), cf)
 
 
 class TaskRoutedMoeBlock(MoeBlock):

@@ -2,7 +2,7 @@
 
 Pre-LayerNorm blocks, sinusoidal positions, one token embedding shared by the encoder, decoder
 and output projection. ``Transformer.__call__`` returns float32 logits and a dict of per-layer
-``MoeAux`` (aux/z losses and routing stats), keyed ``encoder/<i>`` / ``decoder/<i>``.
+``RoutingAux`` (aux/z losses and routing stats), keyed ``encoder/<i>`` / ``decoder/<i>``.
 
 Task pathways (docs/ARCHITECTURE.md §Pathways): every call gets ``task int32[B]``. An MoE layer
 may restrict each task to a set of experts (``TransformerSpec.pathways``, a static mask: the
@@ -22,6 +22,7 @@ from flax import nnx
 from moe.layers.attention import Attention, causal_mask, padding_mask
 from moe.layers.dense import DenseFFN
 from moe.layers.moe import MoeBlock, MoeSpec
+from moe.layers.params import param
 from moe.layers.task_moe import TaskRoutedMoeBlock
 
 PAD_ID = 0
@@ -30,7 +31,12 @@ ROUTING_INPUTS = ("token", "task", "token+task")
 
 @dataclasses.dataclass(frozen=True)
 class TransformerSpec:
-    """Narrow model description (built from the experiment in ``moe.training.build``)."""
+    """Narrow model description (built from the experiment in ``moe.training.build``).
+
+    ``moe_layers`` is the one place that says which feed-forward blocks are MoE blocks and with
+    how many experts: ``(("encoder/1", MoeSpec(...)), ("decoder/1", MoeSpec(...)))``; every
+    other block is a dense FFN.
+    """
 
     kind: str  # "encoder_decoder" | "decoder_only"
     vocab_size: int
@@ -41,9 +47,7 @@ class TransformerSpec:
     d_ff: int
     dropout: float = 0.0
     activation: str = "gelu"
-    moe_every: int = 0  # MoE replaces feed-forward i when (i + 1) % moe_every == 0; 0 = dense
-    encoder_moe: MoeSpec | None = None
-    decoder_moe: MoeSpec | None = None
+    moe_layers: tuple[tuple[str, MoeSpec], ...] = ()
     dtype: str = "float32"
     num_tasks: int = 1
     # Router input of the (encoder, decoder) MoE layers: one of ROUTING_INPUTS.
@@ -51,31 +55,29 @@ class TransformerSpec:
     # (layer, mask) pairs, mask[task][expert] True where the task may use the expert; layers not
     # listed let every task use every expert.
     pathways: tuple[tuple[str, tuple[tuple[bool, ...], ...]], ...] = ()
-    # (layer, E) pairs overriding the MoE spec's num_experts in that layer (extracted models).
-    layer_experts: tuple[tuple[str, int], ...] = ()
 
     def __post_init__(self):
         for mode in self.routing_input:
             if mode not in ROUTING_INPUTS:
                 raise ValueError(f"routing_input {mode!r} is not one of {ROUTING_INPUTS}")
+        specs = dict(self.moe_layers)
         for layer, mask in self.pathways:
+            if layer not in specs:
+                raise ValueError(f"pathway of {layer}: not an MoE layer ({', '.join(specs)})")
             if len(mask) != self.num_tasks:
                 raise ValueError(f"pathway of {layer} has {len(mask)} rows, not {self.num_tasks}")
-
-    def is_moe_layer(self, i: int) -> bool:
-        return self.moe_every > 0 and (i + 1) % self.moe_every == 0
+            if any(len(row) != specs[layer].num_experts for row in mask):
+                raise ValueError(
+                    f"pathway of {layer} is not {specs[layer].num_experts} experts wide"
+                )
 
     @property
     def uses_task_embedding(self) -> bool:
-        return self.moe_every > 0 and any(m != "token" for m in self.routing_input)
+        return bool(self.moe_layers) and any(m != "token" for m in self.routing_input)
 
     def layer_moe(self, stack: str, i: int) -> MoeSpec | None:
         """The MoE spec of block ``i`` of ``stack`` ('encoder' | 'decoder'), None if dense."""
-        base = self.encoder_moe if stack == "encoder" else self.decoder_moe
-        if base is None or not self.is_moe_layer(i):
-            return None
-        experts = dict(self.layer_experts).get(f"{stack}/{i}")
-        return base if experts is None else dataclasses.replace(base, num_experts=experts)
+        return dict(self.moe_layers).get(f"{stack}/{i}")
 
 
 class Block(nnx.Module):
@@ -132,11 +134,6 @@ class Block(nnx.Module):
         return x, aux
 
 
-def mask_width(mask: tuple[tuple[bool, ...], ...]) -> int:
-    """Number of experts E of a pathway mask ``[num_tasks][E]``."""
-    return len(mask[0])
-
-
 def sinusoidal(length: int, d: int) -> jax.Array:
     """float32[L, d] sinusoidal position encodings (Vaswani et al. 2017 §3.5)."""
     pos = jnp.arange(length, dtype=jnp.float32)[:, None]
@@ -150,8 +147,8 @@ class Transformer(nnx.Module):
         self.spec = spec
         d = spec.d_model
         init = nnx.initializers.normal(stddev=d**-0.5)
-        self.embed = nnx.Param(
-            init(rngs.params(), (spec.vocab_size, d), jnp.float32), out_sharding=("vocab", "embed")
+        self.embed = param(
+            init(rngs.params(), (spec.vocab_size, d), jnp.float32), ("vocab", "embed")
         )
         enc_layers = spec.encoder_layers if spec.kind == "encoder_decoder" else 0
         enc_task, dec_task = (m == "task" for m in spec.routing_input)
@@ -185,11 +182,11 @@ class Transformer(nnx.Module):
         self.dec_norm = nnx.LayerNorm(d, rngs=rngs)
         # Drawn last, so models without task routing initialise exactly as before.
         self.task_embed = (
-            nnx.Param(
+            param(
                 nnx.initializers.normal(stddev=1.0)(
                     rngs.params(), (spec.num_tasks, d), jnp.float32
                 ),
-                out_sharding=(None, "embed"),
+                (None, "embed"),
             )
             if spec.uses_task_embedding
             else None
@@ -205,7 +202,7 @@ class Transformer(nnx.Module):
         mask = dict(self.spec.pathways).get(f"{stack}/{i}")
         if mask is not None:
             allowed_te = jnp.asarray(mask, bool)[task]  # [B, E]
-            kw["expert_mask"] = jnp.broadcast_to(allowed_te[:, None, :], (*shape, mask_width(mask)))
+            kw["expert_mask"] = jnp.broadcast_to(allowed_te[:, None, :], (*shape, len(mask[0])))
         if self.spec.routing_input[stack == "decoder"] != "token":
             emb = jnp.take(self.task_embed[...], task, axis=0)  # [B, d]
             kw["router_bias"] = jnp.broadcast_to(emb[:, None, :], (*shape, emb.shape[-1]))

@@ -24,7 +24,8 @@ same table serves a 1-device run, a ``(data, expert)`` mesh and a ``(data, exper
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
 
 from jax.sharding import Mesh, PartitionSpec
 
@@ -84,3 +85,33 @@ def spec_to_str(spec: PartitionSpec) -> str:
         return repr(p)
 
     return ", ".join(one(p) for p in spec)
+
+
+def resolve_mesh_shape(mesh_shape: Mapping[str, int], num_devices: int) -> dict[str, int]:
+    """Fill in a ``-1`` axis so the sizes multiply to ``num_devices``; ordered as MESH_AXES.
+
+    ``data`` and ``expert`` are always present (size 1 if not given); ``model`` only if given.
+    """
+    unknown = set(mesh_shape) - set(MESH_AXES)
+    if any(s == 0 or s < -1 for s in mesh_shape.values()):
+        raise ValueError(
+            f"mesh {dict(mesh_shape)}: axis sizes must be positive (or -1 for the rest)"
+        )
+    if unknown:
+        raise ValueError(f"unknown mesh axis {sorted(unknown)[0]!r}; axes are data, expert, model")
+    sizes = {"data": mesh_shape.get("data", 1), "expert": mesh_shape.get("expert", 1)}
+    if "model" in mesh_shape:
+        sizes["model"] = mesh_shape["model"]
+    free = [a for a, s in sizes.items() if s == -1]
+    if len(free) > 1:
+        raise ValueError(f"mesh {dict(mesh_shape)}: at most one axis may be -1")
+    known = math.prod(s for s in sizes.values() if s != -1)
+    if free:
+        if num_devices % known:
+            raise ValueError(f"mesh {dict(mesh_shape)} does not divide {num_devices} devices")
+        sizes[free[0]] = num_devices // known
+    if math.prod(sizes.values()) != num_devices:
+        raise ValueError(
+            f"mesh {sizes} uses {math.prod(sizes.values())} devices but there are {num_devices}"
+        )
+    return sizes

@@ -31,7 +31,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import jax
-import numpy as np
 
 from moe.pod.simulate import xla_flags_for
 
@@ -79,17 +78,6 @@ def _name_rank_in_errors(rank: int) -> None:
         previous(kind, value, tb)
 
     sys.excepthook = hook
-
-
-def is_primary() -> bool:
-    """Whether this process writes files and prints progress (rank 0)."""
-    return jax.process_index() == 0
-
-
-def global_array(local_rows: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
-    """The global ``[rows * processes, ...]`` array whose rows, in process order, are each
-    process's ``local_rows`` (every process calls this with its own rows)."""
-    return jax.make_array_from_process_local_data(sharding, np.asarray(local_rows))
 
 
 def start_watchdog(poll_s: float = 1.0) -> threading.Thread:

@@ -25,7 +25,6 @@ so group ``g`` of the reference uses ``fold_in(key, g)``.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -33,53 +32,18 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import AbstractMesh, Mesh, PartitionSpec
 
-from moe.parallel.axes import logical_to_mesh
-from moe.routing.result import Routing
+from moe.routing.dispatch import combine, dispatch
+from moe.routing.result import Routing, RoutingAux
 
 TOKEN_AXES = ("data", "expert")
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class ExchangeAux:
-    """Router outputs averaged over the routing groups (devices).
-
-    aux_loss, z_loss: float32 scalars (mean over groups of each group's unweighted loss).
-    stats: dict of float32 arrays, each the mean over groups of the group's statistic.
-    capacity: float32 scalar, slots per expert per group (C_l).
-    """
-
-    aux_loss: jax.Array
-    z_loss: jax.Array
-    stats: dict[str, jax.Array]
-    capacity: jax.Array
-
-
-def expert_mesh() -> AbstractMesh | None:
-    """The mesh set with ``jax.set_mesh`` if it is ours (has an ``expert`` axis) and splits
-    tokens over more than one device, else None.
-
-    A pure data-parallel mesh (``expert`` = 1) qualifies too: each device then routes its own
-    rows and the all-to-all over the size-1 axis moves nothing. The alternative, one routing
-    group over the whole batch partitioned by the compiler, is an order of magnitude slower
-    (its sort, cumsum and gathers span devices; ``scripts/bench_parallel.py`` history).
-    """
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or "expert" not in mesh.shape or token_groups(mesh) <= 1:
-        return None
-    return mesh
-
-
-def token_groups(mesh: Mesh | AbstractMesh) -> int:
-    """Routing groups under expert parallelism: one per ``(data, expert)`` device."""
+def token_groups(mesh: Mesh | AbstractMesh | None) -> int:
+    """Routing groups under expert parallelism: one per ``(data, expert)`` device (1 with no
+    mesh)."""
+    if mesh is None or mesh.empty:
+        return 1
     return mesh.shape.get("data", 1) * mesh.shape.get("expert", 1)
-
-
-def can_exchange(mesh: Mesh | AbstractMesh | None, batch: int, num_experts: int) -> bool:
-    """Whether a batch of ``batch`` rows can take the exchange path on ``mesh``."""
-    if mesh is None or "expert" not in mesh.shape or token_groups(mesh) <= 1:
-        return False
-    return batch % token_groups(mesh) == 0 and num_experts % mesh.shape["expert"] == 0
 
 
 def to_experts(send_ecd: jax.Array, axis: str = "expert") -> jax.Array:
@@ -101,13 +65,6 @@ def psum_model(y: jax.Array) -> jax.Array:
     return y
 
 
-def specs_from_logical(names: Any, mesh: Mesh | AbstractMesh) -> Any:
-    """Map a pytree of logical-name tuples to PartitionSpecs (``axes.logical_to_mesh``)."""
-    return jax.tree.map(
-        lambda n: logical_to_mesh(n, mesh), names, is_leaf=lambda n: isinstance(n, tuple)
-    )
-
-
 def moe_exchange(
     x: jax.Array,
     *,
@@ -118,9 +75,7 @@ def moe_exchange(
     expert_specs: Any,
     extras: Any = None,
     key: jax.Array | None = None,
-    dispatch: Callable | None = None,
-    combine: Callable | None = None,
-) -> tuple[jax.Array, ExchangeAux]:
+) -> tuple[jax.Array, RoutingAux]:
     """An MoE layer with the expert all-to-all exchange (module docstring).
 
     Args:
@@ -134,16 +89,11 @@ def moe_exchange(
       expert_params: pytree of arrays with leading dim E; expert_specs: their PartitionSpecs.
       extras: pytree of per-token arrays shaped like ``x``'s leading dims (masks, router bias).
       key: a PRNG key, a pytree of them, or None; group ``g`` gets each ``fold_in(k, g)``.
-      dispatch, combine: default ``moe.layers.moe.dispatch`` / ``combine``.
 
     Returns:
-      ``(y [B, ..., d] float32, ExchangeAux)``.
+      ``(y [B, ..., d] float32, RoutingAux)``, the aux losses and stats averaged over the
+      routing groups (``capacity``: slots per expert per group).
     """
-    if dispatch is None or combine is None:
-        from moe.layers.moe import combine as _combine
-        from moe.layers.moe import dispatch as _dispatch
-
-        dispatch, combine = dispatch or _dispatch, combine or _combine
     axes = tuple(a for a in TOKEN_AXES if a in mesh.shape)
     lead = x.ndim - 1
 
@@ -158,12 +108,7 @@ def moe_exchange(
         recv = to_experts(send)  # [E', EP * C_l, d]
         out = from_experts(experts(params_l, recv, keys))  # [E, C_l, d]
         y_td = combine(out, routing.slot_token, routing.slot_weight, num_tokens)  # [T_l, d]
-        aux = ExchangeAux(
-            aux_loss=jax.lax.pmean(routing.aux_loss, axes),
-            z_loss=jax.lax.pmean(routing.z_loss, axes),
-            stats=jax.tree.map(lambda s: jax.lax.pmean(s.astype(jnp.float32), axes), routing.stats),
-            capacity=jnp.float32(routing.capacity),
-        )
+        aux = jax.tree.map(lambda s: jax.lax.pmean(s.astype(jnp.float32), axes), routing.aux())
         return y_td.reshape(*x_l.shape[:-1], y_td.shape[-1]), aux
 
     tokens = PartitionSpec(axes)
@@ -174,67 +119,3 @@ def moe_exchange(
         in_specs=(tokens, extras_specs, expert_specs, jax.tree.map(lambda _: PartitionSpec(), key)),
         out_specs=(tokens, PartitionSpec()),
     )(x, extras, expert_params, key)
-
-
-def block_exchange(
-    block: Any,
-    x: jax.Array,
-    mesh: Mesh | AbstractMesh,
-    *,
-    train: bool,
-    rngs=None,
-    **masks: jax.Array | None,
-) -> tuple[jax.Array, Any]:
-    """``moe.layers.moe.MoeBlock`` through the exchange: ``x [B, S, d] -> (y_td [T, d] float32,
-    MoeAux)``; ``masks`` are the block's ``token_mask``, ``expert_mask``, ``router_bias``.
-
-    Router rngs (jitter, noise, random policy) and expert dropout draw one key each from
-    ``rngs`` here, outside ``shard_map``; each group folds in its index.
-    """
-    from flax import nnx
-
-    from moe.layers.experts import apply_experts
-    from moe.layers.moe import MoeAux
-
-    spec, bank = block.spec, block.experts
-    extras = {k: v for k, v in masks.items() if v is not None}
-    keys = {}
-    needs_router = (
-        spec.jitter > 0
-        or spec.router == "noisy"
-        or (spec.second_expert_policy == "random" and spec.top_k > 1)
-    )
-    if train and rngs is not None and needs_router:
-        keys["router"] = rngs.router()
-    if train and rngs is not None and bank.dropout_rate > 0:
-        keys["dropout"] = rngs.dropout()
-    names = ("w_in", "b_in", "w_out", "b_out")
-    variables = {n: getattr(bank, n) for n in names}
-    params = {n: v[...] for n, v in variables.items()}
-    specs = {
-        n: logical_to_mesh(v.get_metadata().get("out_sharding"), mesh) for n, v in variables.items()
-    }
-    split_hidden = mesh.shape.get("model", 1) > 1
-
-    def route(x_td, extras_td, keys_l):
-        router_rngs = nnx.Rngs(router=keys_l["router"]) if "router" in keys_l else None
-        return block.route(x_td, train=train, rngs=router_rngs, **extras_td)
-
-    def experts(p, recv, keys_l):
-        b_out = jnp.zeros_like(p["b_out"]) if split_hidden else p["b_out"]
-        y = apply_experts(
-            p["w_in"], p["b_in"], p["w_out"], b_out, recv,
-            activation=bank.activation, dtype=bank.dtype, dropout=bank.dropout_rate,
-            dropout_key=keys_l.get("dropout"),
-        )  # fmt: skip
-        if split_hidden:  # partial sums over the hidden units of this model shard
-            y = psum_model(y) + p["b_out"].astype(y.dtype)[:, None, :]
-        return y
-
-    y, aux = moe_exchange(
-        x, mesh=mesh, route=route, experts=experts, expert_params=params,
-        expert_specs=specs, extras=extras, key=keys,
-    )  # fmt: skip
-    stats = {**aux.stats, "capacity": aux.capacity}
-    y_td = y.reshape(-1, y.shape[-1])  # [T, d]
-    return y_td, MoeAux(aux_loss=aux.aux_loss, z_loss=aux.z_loss, stats=stats)

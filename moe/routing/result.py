@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 
 
 @jax.tree_util.register_dataclass
@@ -44,3 +45,28 @@ class Routing:
     @property
     def capacity(self) -> int:
         return self.slot_token.shape[1]
+
+    def aux(self) -> RoutingAux:
+        """The losses and statistics, with ``capacity`` added to the stats."""
+        stats = {**self.stats, "capacity": jnp.float32(self.capacity)}
+        return RoutingAux(aux_loss=self.aux_loss, z_loss=self.z_loss, stats=stats)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class RoutingAux:
+    """What an MoE layer reports besides its output: a ``Routing`` without its slots.
+
+    Under expert parallelism each device's tokens are one routing group, and these are the
+    means over the groups (``moe.parallel.expert_parallel``).
+
+    Attributes:
+      aux_loss: float32 scalar, the router's balancing loss, unweighted.
+      z_loss: float32 scalar, the router z-loss (ST-MoE eq. 5), unweighted.
+      stats: dict of float32 arrays for monitoring (the router's, see ``moe.routing.stats``,
+        plus ``capacity``, slots per expert per group).
+    """
+
+    aux_loss: jax.Array
+    z_loss: jax.Array
+    stats: dict[str, jax.Array]

@@ -2,51 +2,52 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax.numpy as jnp
 import optax
 from flax import nnx
 
 from moe.config import Experiment
 from moe.layers.moe import MoeSpec
-from moe.layers.task_moe import PathwayMoeSpec
 from moe.layers.transformer import Transformer, TransformerSpec
-from moe.training import pathways
+from moe.training import pathway_spec
 from moe.training.freeze import train_only
 
 
-def moe_spec(exp: Experiment, router: str, routing_input: str = "token") -> MoeSpec:
-    """The MoE spec of one stack. Task-routed layers are dropless: every token of a task goes
-    to the same k experts, so a capacity would drop most of a one-task batch."""
+def moe_spec(exp: Experiment, layer: str) -> MoeSpec:
+    """The MoE spec of MoE layer ``layer`` ('encoder/1').
+
+    Routing groups are per device: under a mesh each ``(data, expert)`` device routes its own
+    rows (GShard local dispatch; ``config`` checks that the batch sizes divide). Task-routed
+    layers are dropless: every token of a task goes to the same k experts, so a capacity
+    would drop most of a one-task batch. Batch-prioritised routing reorders by confidence across
+    the batch, which leaks future tokens in a causal decoder (ST-MoE §5): encoder only.
+    """
     m = exp.moe
-    dropless = routing_input == "task"
-    spec = MoeSpec(
-        num_experts=m.num_experts,
+    stack = layer.split("/")[0]
+    dropless = getattr(m.routing_input, stack) == "task"
+    return MoeSpec(
+        num_experts=exp.experts_in(layer),
         top_k=m.top_k,
-        router=router,
+        router=m.router_of(stack),
         capacity_factor_train=0.0 if dropless else m.capacity_factor_train,
         capacity_factor_eval=0.0 if dropless else m.capacity_factor_eval,
         renormalize=m.renormalize,
         second_expert_policy=m.second_expert_policy,
         second_expert_threshold=m.second_expert_threshold,
-        batch_priority=m.batch_priority,
+        batch_priority=m.batch_priority and stack == "encoder",
         jitter=m.jitter,
         num_groups=m.num_groups,
         expert_dropout=m.expert_dropout,
         shared_expert=m.shared_expert,
         router_init_std=m.router_init_std,
         activation=exp.model.activation,
+        routing_groups="device",
+        capacity_experts=m.capacity_experts or 0,
     )
-    if m.capacity_experts is None:
-        return spec
-    return PathwayMoeSpec(**dataclasses.asdict(spec), capacity_experts=m.capacity_experts)
 
 
 def transformer_spec(exp: Experiment) -> TransformerSpec:
     m, moe = exp.model, exp.moe
-    dense = moe.every == 0
-    decoder_router = moe.decoder_router or moe.router
     return TransformerSpec(
         kind=m.kind,
         vocab_size=m.vocab_size,
@@ -57,23 +58,12 @@ def transformer_spec(exp: Experiment) -> TransformerSpec:
         d_ff=m.d_ff,
         dropout=m.dropout,
         activation=m.activation,
-        moe_every=moe.every,
-        encoder_moe=None if dense else moe_spec(exp, moe.router, moe.routing_input.encoder),
-        # Batch-prioritised routing reorders by confidence across the batch, which leaks future
-        # tokens in a causal decoder (ST-MoE §5): encoder only.
-        decoder_moe=None
-        if dense
-        else _without_batch_priority(moe_spec(exp, decoder_router, moe.routing_input.decoder)),
+        moe_layers=tuple((layer, moe_spec(exp, layer)) for layer in exp.moe_layers),
         dtype=exp.train.precision,
         num_tasks=len(exp.tasks),
         routing_input=(moe.routing_input.encoder, moe.routing_input.decoder),
-        pathways=tuple(sorted(pathways.masks(exp).items())),
-        layer_experts=tuple(sorted(moe.layer_experts.items())),
+        pathways=tuple(sorted(pathway_spec.masks(exp).items())),
     )
-
-
-def _without_batch_priority(spec: MoeSpec) -> MoeSpec:
-    return dataclasses.replace(spec, batch_priority=False)
 
 
 def build_model(exp: Experiment, seed: int | None = None) -> Transformer:
@@ -109,7 +99,7 @@ def build_optimizer(exp: Experiment) -> optax.GradientTransformation:
     """optax chain: clip -> optimizer with the schedule.
 
     Freezing: with frozen tasks in ``exp`` (a grown model), only the rows the unfrozen tasks
-    own train (``pathways.selector``; ``freeze.train_only``: no optimizer state and bit-exact
+    own train (``pathway_spec.selector``; ``freeze.train_only``: no optimizer state and bit-exact
     zero updates for the rest, clipping over the trainable gradients)."""
     t = exp.train
     lr = learning_rate(exp)
@@ -121,7 +111,7 @@ def build_optimizer(exp: Experiment) -> optax.GradientTransformation:
         opt = optax.adafactor(lr, clipping_threshold=1.0, multiply_by_parameter_scale=False)
     parts = [optax.clip_by_global_norm(t.grad_clip)] if t.grad_clip > 0 else []
     chain = optax.chain(*parts, opt)
-    select = pathways.selector(exp)
+    select = pathway_spec.selector(exp)
     if select is None:
         return chain
     abstract = nnx.split(nnx.eval_shape(lambda: build_model(exp)), nnx.Param)[1]

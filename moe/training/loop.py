@@ -1,31 +1,34 @@
-"""train(): set-up, the loop (progress, metrics, eval, checkpoints), exact resume, final report.
+"""train(): set-up, the loop (progress, metrics, eval, checkpoints), exact resume, final eval.
 
 Reads top to bottom like the steps of a run. A run directory holds ``config.yaml`` (resolved),
-``checkpoints/``, ``metrics.jsonl``, ``tb/`` (TensorBoard), ``eval/``, ``train_summary.json`` and
-the report. Only the primary process writes files other than its checkpoint shards.
+``checkpoints/``, ``metrics.jsonl``, ``tb/`` (TensorBoard), ``eval/`` and ``train_summary.json``
+(the report is built from them by ``moe.report``, after training: ``moe train`` calls it).
+Only the primary process writes files other than its checkpoint shards.
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import jax
 import numpy as np
 
 from moe import config as cfg
+from moe import runfiles as rf
+from moe.data.pipeline import RunData, prepare
 from moe.errors import UserError
-from moe.training import build, run_eval
+from moe.training import build
 from moe.training import state as state_lib
 from moe.training.checkpoint import Checkpointer
+from moe.training.evaluation import Evaluator
 from moe.training.metrics_log import MetricsLog
-from moe.training.prepare import prepare
+from moe.training.projection import pod_summary
+from moe.training.restore import restore
 from moe.training.sharding import Placement
-from moe.training.step import LossWeights, train_step
+from moe.training.step import make_train_step
 
 
 class RunError(UserError):
@@ -54,8 +57,9 @@ def _prepare_run_dir(exp: cfg.Experiment, run_dir: Path, primary: bool) -> None:
         tmp.replace(saved)
 
 
-def train(exp: cfg.Experiment, run_dir: Path, *, progress: bool = True) -> dict[str, Any]:
-    """Train (or resume) ``exp`` in ``run_dir``; returns the train summary."""
+def train(exp: cfg.Experiment, run_dir: Path, *, progress: bool = True) -> rf.TrainSummary:
+    """Train (or resume) ``exp`` in ``run_dir``, then evaluate it (``eval/summary.json``);
+    returns the train summary (also ``train_summary.json``)."""
     primary = jax.process_index() == 0
     say = functools.partial(print, file=sys.stderr) if primary else (lambda *a, **k: None)
     _prepare_run_dir(exp, run_dir, primary)
@@ -65,8 +69,7 @@ def train(exp: cfg.Experiment, run_dir: Path, *, progress: bool = True) -> dict[
 
     # --- Mesh, model and state (parameters born sharded) -----------------------------------------
     placement = Placement.for_experiment(exp)
-    optimizer = build.build_optimizer(exp)
-    graphdef, state = placement.init_state(lambda: build.build_model(exp), optimizer)
+    state = placement.init_state()
     say(
         f"moe: {exp.name}: {state_lib.num_params(state.params) / 1e6:.2f}M parameters, "
         f"{len(data.tasks)} tasks, mesh {dict(placement.mesh.shape)}, "
@@ -78,25 +81,17 @@ def train(exp: cfg.Experiment, run_dir: Path, *, progress: bool = True) -> dict[
     latest = ckpt.latest_step()
     examples_seen = np.zeros(len(data.tasks), np.int64)
     if latest is not None:
-        state, meta = ckpt.restore(latest, placement.abstract(state))
+        state, meta = ckpt.restore(latest, placement.abstract_state)
         examples_seen += np.asarray(meta.get("examples_seen", 0), np.int64)
         say(f"moe: resuming from step {latest}")
     start = int(jax.device_get(state.step))
 
     # --- Update step ---------------------------------------------------------------------------
-    weights = LossWeights(aux=exp.moe.aux_loss_weight, z=exp.moe.z_loss_weight)
     step_fn = placement.jit_train_step(
-        functools.partial(
-            train_step,
-            graphdef=graphdef,
-            optimizer=optimizer,
-            weights=weights,
-            num_tasks=len(data.tasks),
-            accum=exp.train.grad_accum,
-        ),
-        state,
+        make_train_step(exp, placement.graphdef, placement.optimizer, len(data.tasks))
     )
     key = jax.random.key(exp.train.seed)
+    evaluator = Evaluator(exp, data, placement)
 
     # --- Loop ----------------------------------------------------------------------------------
     log = MetricsLog(run_dir, data.task_names, enabled=primary, start_step=start)
@@ -104,11 +99,12 @@ def train(exp: cfg.Experiment, run_dir: Path, *, progress: bool = True) -> dict[
     t0, tokens_seen, timed_steps, timed_s = time.time(), 0, 0, 0.0
     last_step_t = time.time()
     for step in range(start, exp.train.steps):
-        host = data.batcher.process_batch(step, jax.process_index(), jax.process_count())
+        host = host_batch(data, step)
         batch = placement.batch(host)
         state, metrics = step_fn(state, batch, key)
         tokens = int((host["tgt_out"] != 0).sum()) * jax.process_count()
-        examples_seen += np.bincount(host["task"], minlength=len(data.tasks))
+        # The global batch's tasks: the same on every process (each feeds only its rows).
+        examples_seen += np.bincount(data.batcher.plan(step)[0], minlength=len(data.tasks))
         tokens_seen += tokens
         done = step + 1
         if done % exp.train.log_every == 0 or done == exp.train.steps:
@@ -140,9 +136,8 @@ def train(exp: cfg.Experiment, run_dir: Path, *, progress: bool = True) -> dict[
                 )
         bar.update(1)
         if exp.eval.every and done % exp.eval.every == 0 and done < exp.train.steps:
-            result = run_eval.perplexities(exp, data, placement, graphdef, state.params, "valid")
-            result.pop("_expert_usage")
-            log.eval(done, result)
+            result, _ = evaluator.perplexities(state.params, "valid")
+            log.eval(done, result, "valid")
         if exp.checkpoint.every and done % exp.checkpoint.every == 0:
             ckpt.save(done, state, {"examples_seen": examples_seen.tolist()})
     bar.close()
@@ -150,57 +145,46 @@ def train(exp: cfg.Experiment, run_dir: Path, *, progress: bool = True) -> dict[
         ckpt.save(exp.train.steps, state, {"examples_seen": examples_seen.tolist()})
     wall = time.time() - t0
 
-    # --- Final evaluation and report ---------------------------------------------------------
-    summary = {
-        "steps": exp.train.steps,
-        "resumed_from": latest,
-        "wall_time_s": wall,
-        "tokens_per_second": tokens_seen / max(wall, 1e-9),
-        "step_time_ms": 1000 * timed_s / timed_steps if timed_steps else None,
-        "skipped_steps": int(jax.device_get(state.skipped)),
-        "examples_seen": dict(zip(data.task_names, examples_seen.tolist())),
-        "data": data.stats,
-        "pod": placement.pod_summary(exp, step_fn, state, key, data, timed_s, timed_steps),
-    }
-    if primary:
-        (run_dir / "train_summary.json").write_text(json.dumps(summary, indent=1))
-    _final_eval(
-        exp, run_dir, data, placement, graphdef, state.params, log, exp.eval.split, exp.train.steps
+    # --- Summary and final evaluation ----------------------------------------------------------
+    compiled = step_fn.lower(state, placement.batch(host_batch(data, 0)), key).compile()
+    measured = 1000 * timed_s / timed_steps if timed_steps else None
+    summary = rf.TrainSummary(
+        steps=exp.train.steps,
+        resumed_from=latest,
+        wall_time_s=wall,
+        tokens_per_second=tokens_seen / max(wall, 1e-9),
+        step_time_ms=measured,
+        skipped_steps=int(jax.device_get(state.skipped)),
+        examples_seen=dict(zip(data.task_names, examples_seen.tolist())),
+        data=data.stats,
+        pod=rf.PodSummary(**pod_summary(exp, placement, compiled, measured)),
     )
+    if primary:
+        rf.write_json(run_dir / "train_summary.json", summary)
+    result = evaluator.full(run_dir, state.params, exp.eval.split, exp.train.steps)
+    log.eval(exp.train.steps, result.tasks, exp.eval.split)
     log.close()
     ckpt.close()
     return summary
 
 
-def _final_eval(exp, run_dir, data, placement, graphdef, params, log, split, step) -> None:
-    result = run_eval.full(exp, run_dir, data, placement, graphdef, params, split, step)
-    log.eval(step, result["tasks"])
-    if jax.process_index() == 0:
-        from moe.training.report import build as build_report
-
-        build_report(run_dir)
-        print(f"moe: report: {run_dir / 'report.md'}", file=sys.stderr)
+def host_batch(data: RunData, step: int) -> dict[str, np.ndarray]:
+    """This process's rows of the global batch of ``step``."""
+    return data.batcher.process_batch(step, jax.process_index(), jax.process_count())
 
 
-def evaluate_checkpoint(exp: cfg.Experiment, run_dir: Path, *, step=None, split=None) -> None:
-    """`moe eval RUN_DIR`: restore a checkpoint and run the full evaluation + report."""
-    from moe.training import surgery
-
-    restored = surgery.restore(run_dir, step)
-    data = prepare(restored.exp, say=lambda *a, **k: None)
+def evaluate_checkpoint(run_dir: Path, *, step=None, split=None) -> rf.EvalSummary:
+    """`moe eval RUN_DIR`: restore a checkpoint and run the full evaluation."""
+    restored = restore(run_dir, step)
+    exp = restored.exp
+    data = prepare(exp, say=lambda *a, **k: None)
     log = MetricsLog(run_dir, data.task_names, enabled=jax.process_index() == 0, start_step=None)
-    _final_eval(
-        restored.exp,
-        run_dir,
-        data,
-        restored.placement,
-        restored.graphdef,
-        restored.params,
-        log,
-        split or exp.eval.split,
-        restored.step,
-    )
+    split = split or exp.eval.split
+    evaluator = Evaluator(exp, data, restored.placement)
+    result = evaluator.full(run_dir, restored.params, split, restored.step)
+    log.eval(restored.step, result.tasks, split)
     log.close()
+    return result
 
 
 def _every_tenth(exp: cfg.Experiment) -> int:

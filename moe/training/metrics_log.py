@@ -1,11 +1,9 @@
 """metrics.jsonl and TensorBoard events for a run (written by the primary process only).
 
-Train lines: ``{"kind": "train", "step", "time", "loss", "lr", "tokens_per_second",
-"step_time_ms", "tasks": {name: {"loss", "tokens"}}, "moe": {layer: {"aux_loss", "z_loss",
-"dropped_fraction", "load_cv", "expert_load": [E]...}}}``; eval lines: ``{"kind": "eval",
-"step", "tasks": {name: {"loss", "perplexity", "bleu"?}}}``. On resume, lines past the resumed
+Lines are ``moe.runfiles.TrainLine`` (loss, lr, throughput, per-task loss, per-MoE-layer routing
+stats) and ``EvalLine`` (per-task loss, perplexity, BLEU). On resume, lines past the resumed
 step (written by the interrupted run after its last checkpoint) are dropped so the file reads as
-one uninterrupted run.
+one uninterrupted run; a line cut short by an interrupt is dropped too.
 """
 
 from __future__ import annotations
@@ -17,6 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydantic import BaseModel
+
+from moe import runfiles as rf
 
 
 def _floats(x: Any) -> Any:
@@ -49,8 +50,8 @@ class MetricsLog:
         if self.path.exists() and start_step is not None:
             keep = [
                 line
-                for line in self.path.read_text(encoding="utf-8").splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= start_step
+                for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines()
+                if _step(line) is not None and _step(line) <= start_step
             ]
             self.path.write_text("".join(f"{line}\n" for line in keep), encoding="utf-8")
         from tensorboardX import SummaryWriter
@@ -58,9 +59,9 @@ class MetricsLog:
         purge = None if start_step is None else start_step + 1
         self._tb = SummaryWriter(str(Path(run_dir) / "tb"), purge_step=purge)
 
-    def _write(self, record: dict[str, Any]) -> None:
+    def _write(self, line: BaseModel) -> None:
         with self.path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(line.model_dump_json() + "\n")
 
     def train(self, step: int, m: dict[str, Any], **extra: float) -> None:
         if not self.enabled:
@@ -69,43 +70,51 @@ class MetricsLog:
         for i, name in enumerate(self.task_names):
             n = float(m["task_tokens"][i])
             if n > 0:
-                tasks[name] = {"loss": float(m["task_nll"][i]) / n, "tokens": n}
-        record = {
-            "kind": "train",
-            "step": step,
-            "time": time.time(),
-            "loss": float(m["loss"]),
-            "ce": float(m["ce"]),
-            "aux_loss": float(m["aux_loss"]),
-            "z_loss": float(m["z_loss"]),
-            "grad_norm": float(m["grad_norm"]),
-            **{k: float(v) for k, v in extra.items()},
-            "tasks": tasks,
-            "moe": moe_layer_stats(m.get("moe", {})),
-        }
-        self._write(record)
-        for key in ("loss", "ce", "aux_loss", "z_loss", "grad_norm", *extra):
-            self._tb.add_scalar(f"train/{key}", record[key], step)
+                tasks[name] = rf.TaskLoss(loss=float(m["task_nll"][i]) / n, tokens=n)
+        scalars = {k: float(m[k]) for k in ("loss", "ce", "aux_loss", "z_loss", "grad_norm")}
+        scalars.update({k: float(v) for k, v in extra.items()})
+        line = rf.TrainLine(
+            step=step,
+            time=time.time(),
+            **scalars,
+            tasks=tasks,
+            moe=moe_layer_stats(m.get("moe", {})),
+        )
+        self._write(line)
+        for key, value in scalars.items():
+            self._tb.add_scalar(f"train/{key}", value, step)
         for name, t in tasks.items():
-            self._tb.add_scalar(f"train/{name}/loss", t["loss"], step)
-            self._tb.add_scalar(f"train/{name}/perplexity", math.exp(min(t["loss"], 50)), step)
-        for layer, s in record["moe"].items():
+            self._tb.add_scalar(f"train/{name}/loss", t.loss, step)
+            self._tb.add_scalar(f"train/{name}/perplexity", math.exp(min(t.loss, 50)), step)
+        for layer in line.moe:
             for key in ("load_cv", "dropped_fraction", "z_loss", "aux_loss"):
-                if isinstance(s.get(key), float):
-                    self._tb.add_scalar(f"moe/{layer}/{key}", s[key], step)
+                value = line.layer_stat(layer, key)
+                if value is not None:
+                    self._tb.add_scalar(f"moe/{layer}/{key}", value, step)
 
-    def eval(self, step: int, tasks: dict[str, dict[str, Any]]) -> None:
+    def eval(self, step: int, tasks: dict[str, rf.TaskEval], split: str) -> None:
         if not self.enabled:
             return
-        keep = ("loss", "perplexity", "bleu")
         slim = {
-            n: {k: v for k, v in t.items() if k in keep and v is not None} for n, t in tasks.items()
+            n: rf.EvalMetrics(loss=t.loss, perplexity=t.perplexity, bleu=t.bleu)
+            for n, t in tasks.items()
         }
-        self._write({"kind": "eval", "step": step, "time": time.time(), "tasks": slim})
+        self._write(rf.EvalLine(step=step, time=time.time(), split=split, tasks=slim))
         for name, t in slim.items():
-            for key, value in t.items():
-                self._tb.add_scalar(f"eval/{name}/{key}", value, step)
+            for key, value in t.model_dump().items():
+                if value is not None:
+                    self._tb.add_scalar(f"eval/{name}/{key}", value, step)
 
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+
+
+def _step(line: str) -> int | None:
+    """The step of a metrics line, None for a blank or malformed one."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    step = record.get("step") if isinstance(record, dict) else None
+    return step if isinstance(step, int) else None

@@ -8,6 +8,8 @@ plus the MoE layers' aux and z losses with their configured weights.
 from __future__ import annotations
 
 import dataclasses
+import functools
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -15,6 +17,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from moe.config import Experiment
 from moe.training.state import TrainState
 
 
@@ -117,3 +120,16 @@ def eval_step(params, batch, *, graphdef, weights, num_tasks) -> dict[str, Any]:
         params, graphdef, batch, jax.random.key(0), weights, num_tasks, False
     )
     return metrics
+
+
+def make_train_step(exp: Experiment, graphdef, optimizer, num_tasks: int | None = None) -> Callable:
+    """``train_step`` with the experiment's static arguments bound: ``(state, batch, key) ->
+    (state, metrics)``, ready for ``Placement.jit_train_step``."""
+    return functools.partial(
+        train_step,
+        graphdef=graphdef,
+        optimizer=optimizer,
+        weights=LossWeights(aux=exp.moe.aux_loss_weight, z=exp.moe.z_loss_weight),
+        num_tasks=len(exp.tasks) if num_tasks is None else num_tasks,
+        accum=exp.train.grad_accum,
+    )

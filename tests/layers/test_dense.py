@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import moe.layers  # noqa: F401
 from moe.layers.dense import DenseFFN, apply_dropout
 
 

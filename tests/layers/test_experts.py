@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import moe.layers  # noqa: F401
 from moe.layers.experts import ExpertBank, apply_experts
 
 

@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import moe.layers  # noqa: F401
 from moe.layers.moe import MoeBlock, MoeSpec, combine, dispatch
 from moe.layers.router import MASKED_LOGIT
 

@@ -6,9 +6,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import moe.layers  # noqa: F401
 from moe.layers.moe import MoeBlock, MoeSpec
-from moe.layers.task_moe import PathwayMoeSpec, TaskRoutedMoeBlock
+from moe.layers.task_moe import TaskRoutedMoeBlock
 from moe.layers.transformer import Transformer, TransformerSpec
 from moe.routing.token_choice import capacity
 
@@ -54,10 +53,10 @@ def test_task_routed_block_needs_the_task_embedding():
 
 @pytest.mark.parametrize("tokens, experts, fixed", [(16, 6, 4), (40, 12, 8), (7, 2, 8)])
 def test_pathway_spec_capacity_is_computed_for_the_fixed_expert_count(tokens, experts, fixed):
-    spec = PathwayMoeSpec(num_experts=experts, top_k=2, capacity_experts=fixed)
+    spec = MoeSpec(num_experts=experts, top_k=2, capacity_experts=fixed)
     for train, cf in ((True, 1.25), (False, 2.0)):
         assert spec.capacity(tokens, train=train) == capacity(tokens, fixed, 2, cf)
-    plain = PathwayMoeSpec(num_experts=experts, top_k=2)
+    plain = MoeSpec(num_experts=experts, top_k=2)
     assert plain.capacity(tokens, train=True) == MoeSpec(experts, 2).capacity(tokens, train=True)
 
 
@@ -70,9 +69,10 @@ def test_decoder_task_routing_uses_exactly_k_experts_per_task_in_the_model():
         encoder_layers=2,
         decoder_layers=2,
         d_ff=F,
-        moe_every=2,
-        encoder_moe=MoeSpec(num_experts=E, top_k=2),
-        decoder_moe=MoeSpec(num_experts=E, top_k=2, capacity_factor_eval=0.0),
+        moe_layers=(
+            ("encoder/1", MoeSpec(num_experts=E, top_k=2)),
+            ("decoder/1", MoeSpec(num_experts=E, top_k=2, capacity_factor_eval=0.0)),
+        ),
         num_tasks=2,
         routing_input=("token", "task"),
     )

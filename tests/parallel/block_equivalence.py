@@ -1,8 +1,9 @@
 """Run by test_expert_parallel.py in a subprocess with 8 virtual CPU devices.
 
-``MoeBlock`` called under ``jax.set_mesh`` (expert axis > 1 takes the all-to-all exchange)
-against the same block called on one device, group by group (a Python loop over the
-``data * expert`` row groups); outputs, aux losses and gradients. Prints one JSON line.
+``MoeBlock`` with per-device routing groups called under ``jax.set_mesh`` (the all-to-all
+exchange) against the same weights in a whole-batch block called on one device, group by group
+(a Python loop over the ``data * expert`` row groups); outputs, aux losses and gradients.
+Prints one JSON line.
 """
 
 from moe.pod.simulate import ensure_virtual_devices
@@ -16,7 +17,6 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
-import moe.layers  # noqa: E402, F401
 from moe.layers.moe import MoeBlock, MoeSpec  # noqa: E402
 from moe.parallel.mesh import build_mesh  # noqa: E402
 from moe.pod.hlo import parse_collectives  # noqa: E402
@@ -39,8 +39,10 @@ CASES = {  # name: (mesh, spec options, train, with masks)
 }
 
 
-def block_for(options):
-    spec = MoeSpec(num_experts=E, top_k=2, capacity_factor_train=1.0, **options)
+def block_for(options, groups):
+    spec = MoeSpec(
+        num_experts=E, top_k=2, capacity_factor_train=1.0, routing_groups=groups, **options
+    )
     block = MoeBlock(D, F, spec, causal=False, rngs=nnx.Rngs(0))
     block.router.w_gate[...] = jax.random.normal(jax.random.key(7), block.router.w_gate.shape)
     block.experts.b_out[...] = jax.random.normal(jax.random.key(9), block.experts.b_out.shape)
@@ -76,7 +78,8 @@ def main():
         shape, options, train, with_masks = CASES[name]
         sizes = dict(zip(("data", "expert", "model"), map(int, shape.split("x"))))
         mesh = build_mesh(sizes)
-        graph, state = nnx.split(block_for(options))
+        graph, state = nnx.split(block_for(options, "batch"))  # the reference, group by group
+        graph_sharded, _ = nnx.split(block_for(options, "device"))
         groups = sizes["data"] * sizes["expert"]
         rows = B // groups
         x, masks = arrays(with_masks)
@@ -93,7 +96,7 @@ def main():
             mean = lambda *v: jnp.mean(jnp.stack(v), axis=0)  # noqa: E731
             return jnp.concatenate(ys), jax.tree.map(mean, *aux)
 
-        def sharded(state, x, masks, key, train=train, graph=graph):  # under jax.set_mesh
+        def sharded(state, x, masks, key, train=train, graph=graph_sharded):  # under set_mesh
             rngs = nnx.Rngs(router=key) if train else None
             return nnx.merge(graph, state)(x, train=train, rngs=rngs, **masks)
 

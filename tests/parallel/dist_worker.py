@@ -7,7 +7,7 @@ rank 1 exit with status 3 while rank 0 waits in a collective.
 import os
 import sys
 
-from moe.parallel.distributed import initialize, is_primary, launched_ranks
+from moe.parallel.distributed import initialize, launched_ranks
 from moe.pod.simulate import ensure_virtual_devices
 
 RANKS = launched_ranks(os.environ)
@@ -20,7 +20,6 @@ import numpy as np  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
-from moe.parallel.distributed import global_array  # noqa: E402
 from moe.parallel.expert_parallel import moe_exchange  # noqa: E402
 from moe.parallel.mesh import batch_sharding, build_mesh  # noqa: E402
 from moe.routing import token_choice  # noqa: E402
@@ -36,7 +35,7 @@ def main(mode: str) -> None:
     w_exp = rng.standard_normal((E, D, D)).astype(np.float32) * 0.3
     rows = B // jax.process_count()
     mine = x_all[jax.process_index() * rows : (jax.process_index() + 1) * rows]
-    x = global_array(mine, batch_sharding(mesh, 3))
+    x = jax.make_array_from_process_local_data(batch_sharding(mesh, 3), mine)
     w = jax.device_put(w_exp, NamedSharding(mesh, P("expert")))
 
     def layer(x, w):
@@ -61,7 +60,7 @@ def main(mode: str) -> None:
         for i in range(10_000):  # rank 0 waits on its dead peer in a collective
             step(x + i, w)[0].block_until_ready()
         print("rank 0 finished a loop it should not have finished", flush=True)
-    if is_primary():
+    if jax.process_index() == 0:
         print(f"processes {jax.process_count()} devices {jax.device_count()}", flush=True)
 
 

@@ -19,10 +19,10 @@ import jax.numpy as jnp  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from moe.layers.experts import apply_experts  # noqa: E402
-from moe.layers.moe import combine, dispatch  # noqa: E402
 from moe.parallel.expert_parallel import moe_exchange, psum_model  # noqa: E402
 from moe.parallel.mesh import build_mesh  # noqa: E402
 from moe.routing import expert_choice, token_choice  # noqa: E402
+from moe.routing.dispatch import combine, dispatch  # noqa: E402
 
 B, S, D_MODEL, D_FF, E, K = 16, 4, 8, 16, 8, 2
 

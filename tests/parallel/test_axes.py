@@ -1,7 +1,7 @@
 import pytest
 from jax.sharding import AbstractMesh, PartitionSpec
 
-from moe.parallel.axes import RULES, logical_to_mesh, spec_to_str
+from moe.parallel.axes import RULES, logical_to_mesh, resolve_mesh_shape, spec_to_str
 
 
 def mesh(**sizes):
@@ -43,3 +43,27 @@ def test_spec_strings_are_plain_text():
     assert spec_to_str(PartitionSpec(("data", "expert"), None)) == "('data','expert'), None"
     assert spec_to_str(PartitionSpec()) == ""
     assert spec_to_str(PartitionSpec("expert", None, "model")) == "'expert', None, 'model'"
+
+
+def test_resolve_fills_the_free_axis():
+    assert resolve_mesh_shape({"data": -1, "expert": 4, "model": 1}, 16) == {
+        "data": 4,
+        "expert": 4,
+        "model": 1,
+    }
+    assert resolve_mesh_shape({"expert": 8}, 8) == {"data": 1, "expert": 8}
+
+
+@pytest.mark.parametrize(
+    "shape, n, fragment",
+    [
+        ({"data": -1, "expert": 3}, 8, "does not divide 8"),
+        ({"data": 2, "expert": 2}, 8, "uses 4 devices but there are 8"),
+        ({"data": -1, "expert": -1}, 8, "at most one"),
+        ({"tensor": 2}, 8, "unknown mesh axis 'tensor'"),
+    ],
+)
+def test_resolve_errors(shape, n, fragment):
+    with pytest.raises(ValueError) as err:
+        resolve_mesh_shape(shape, n)
+    assert fragment in str(err.value)

@@ -8,18 +8,13 @@ import pytest
 from flax import nnx
 from jax.sharding import AbstractMesh, PartitionSpec
 
-import moe.layers  # noqa: F401  (turns eager sharding off)
-from moe.parallel.mesh import (
-    check_divisible,
-    param_specs,
-    param_specs_as_strings,
-    resolve_mesh_shape,
-)
+from moe.layers.params import param
+from moe.parallel.mesh import param_specs, specs_as_strings
 
 
 class Tiny(nnx.Module):
     def __init__(self, rngs):
-        self.w_edf = nnx.Param(jnp.zeros((8, 4, 6)), out_sharding=("expert", "embed", "mlp"))
+        self.w_edf = param(jnp.zeros((8, 4, 6)), ("expert", "embed", "mlp"))
         self.bias = nnx.Param(jnp.zeros((6,)))
         self.proj = nnx.Linear(
             4,
@@ -30,39 +25,16 @@ class Tiny(nnx.Module):
 
 
 def abstract_state():
-    return nnx.split(nnx.eval_shape(lambda: Tiny(nnx.Rngs(0))))[1]
+    with nnx.use_eager_sharding(False):  # Flax's own partitioning metadata, not sharded here
+        return nnx.split(nnx.eval_shape(lambda: Tiny(nnx.Rngs(0))))[1]
 
 
 def mesh(**sizes):
     return AbstractMesh(tuple(sizes.values()), tuple(sizes))
 
 
-def test_resolve_fills_the_free_axis():
-    assert resolve_mesh_shape({"data": -1, "expert": 4, "model": 1}, 16) == {
-        "data": 4,
-        "expert": 4,
-        "model": 1,
-    }
-    assert resolve_mesh_shape({"expert": 8}, 8) == {"data": 1, "expert": 8}
-
-
-@pytest.mark.parametrize(
-    "shape, n, fragment",
-    [
-        ({"data": -1, "expert": 3}, 8, "does not divide 8"),
-        ({"data": 2, "expert": 2}, 8, "uses 4 devices but there are 8"),
-        ({"data": -1, "expert": -1}, 8, "at most one"),
-        ({"tensor": 2}, 8, "unknown mesh axis 'tensor'"),
-    ],
-)
-def test_resolve_errors(shape, n, fragment):
-    with pytest.raises(ValueError) as err:
-        resolve_mesh_shape(shape, n)
-    assert fragment in str(err.value)
-
-
 def test_param_specs_follow_logical_names():
-    strings = param_specs_as_strings(abstract_state(), mesh(data=1, expert=4, model=2))
+    strings = specs_as_strings(param_specs(abstract_state(), mesh(data=1, expert=4, model=2)))
     assert strings == {
         "bias": "",
         "proj/bias": "",
@@ -76,19 +48,6 @@ def test_param_that_does_not_divide_names_itself():
         param_specs(abstract_state(), mesh(data=1, expert=16))
 
 
-def test_divisibility_messages_name_field_and_axis():
-    msgs = check_divisible(60, mesh(data=1, expert=8), 32)
-    assert msgs == [
-        "moe.num_experts=60 is not divisible by the expert axis (8); "
-        "change moe.num_experts or pod.mesh.expert"
-    ]
-    msgs = check_divisible(8, mesh(data=2, expert=4, model=2), 12, d_ff=7, processes=8)
-    assert any("train.batch_size=12" in m and "(8)" in m for m in msgs)
-    assert any("pod.processes=8" in m for m in msgs)
-    assert any(m.startswith("model.d_ff=7") for m in msgs)
-    assert check_divisible(8, mesh(data=2, expert=4), 16) == []
-
-
 def test_replicated_leaf_gets_empty_spec():
     specs = param_specs({"x": jax.ShapeDtypeStruct((3,), jnp.float32)}, mesh(data=2))
     assert specs == {"x": PartitionSpec()}
@@ -100,19 +59,22 @@ MULTI = textwrap.dedent(
     ensure_virtual_devices(8)
     import jax, jax.numpy as jnp
     from flax import nnx
-    import moe.layers
-    from moe.parallel.mesh import build_mesh, init_sharded, batch_sharding
+    from moe.layers.params import param
+    from moe.parallel.mesh import build_mesh, named_shardings, param_specs, batch_sharding
     from jax.sharding import PartitionSpec as P
 
     class Tiny(nnx.Module):
         def __init__(self, rngs):
-            self.w = nnx.Param(jax.random.normal(rngs.params(), (8, 4, 6)),
-                               out_sharding=("expert", "embed", "mlp"))
+            self.w = param(jax.random.normal(rngs.params(), (8, 4, 6)), ("expert", "embed", "mlp"))
             self.b = nnx.Param(jnp.ones((6,)))
 
     mesh = build_mesh({"data": -1, "expert": 4})
     assert dict(mesh.shape) == {"data": 2, "expert": 4}, mesh
-    m = init_sharded(lambda: Tiny(nnx.Rngs(0)), mesh)
+    make = lambda: Tiny(nnx.Rngs(0))
+    graphdef, abstract = nnx.split(nnx.eval_shape(make))
+    shardings = named_shardings(param_specs(abstract, mesh), mesh)
+    born = jax.jit(lambda: nnx.split(make())[1], out_shardings=shardings)
+    m = nnx.merge(graphdef, born())
     assert m.w.get_value().sharding.spec == P("expert"), m.w.get_value().sharding
     assert len(m.w.get_value().addressable_shards[0].data) == 2
     ref = Tiny(nnx.Rngs(0))

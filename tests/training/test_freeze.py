@@ -95,9 +95,10 @@ def test_a_grown_experiment_gets_row_state_and_shards_through_placement(optimize
         }
     )
     placement = Placement.for_experiment(exp)
-    optimizer = build.build_optimizer(exp)
-    abstract = jax.eval_shape(lambda: state_lib.create(build.build_model(exp), optimizer)[1])
-    _, state = placement.init_state(lambda: build.build_model(exp), optimizer)
+    abstract = jax.eval_shape(
+        lambda: state_lib.create(build.build_model(exp), placement.optimizer)[1]
+    )
+    state = placement.init_state()
     assert jax.tree.structure(state) == jax.tree.structure(abstract)
     # Trainable: experts 2 and 3 (the old task holds 0 and 1) and their router columns.
     trainable = 2 * (2 * (8 * 512 + 512 + 512 * 8 + 8) + 8 * 2)  # 2 layers

@@ -12,21 +12,18 @@ import time
 import jax
 import numpy as np
 import pytest
+from tinyrun import tiny_config, train_and_report
 
 from moe import config as cfg
-from moe.training import build
 from moe.training.checkpoint import Checkpointer
 from moe.training.loop import train
 from moe.training.sharding import Placement
 
-from .conftest import tiny_config
-
 
 def final_params(exp, run_dir, step):
     placement = Placement.for_experiment(exp)
-    _, state = placement.init_state(lambda: build.build_model(exp), build.build_optimizer(exp))
     restored, _ = Checkpointer(run_dir / "checkpoints", keep=5).restore(
-        step, placement.abstract(state)
+        step, placement.abstract_state
     )
     return jax.tree.leaves(jax.device_get(restored))
 
@@ -35,7 +32,7 @@ def final_params(exp, run_dir, step):
 def reference_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("ref")
     exp = cfg.load(tiny_config(root))
-    summary = train(exp, root / "runs" / "tiny", progress=False)
+    summary = train_and_report(exp, root / "runs" / "tiny")
     return exp, root / "runs" / "tiny", summary
 
 
@@ -63,14 +60,14 @@ def test_a_short_run_writes_the_whole_run_directory(reference_run):
     assert set(train_lines[-1]["moe"]) == {"encoder/1", "decoder/1"}
     assert len(train_lines[-1]["moe"]["decoder/1"]["expert_load"]) == 4
     assert train_lines[-1]["loss"] < train_lines[0]["loss"]  # it learns
-    assert summary["examples_seen"]["rev"] + summary["examples_seen"]["lm"] == 12 * 8
+    assert summary.examples_seen["rev"] + summary.examples_seen["lm"] == 12 * 8
 
 
 @pytest.mark.slow
 def test_interrupted_run_resumes_to_bit_identical_parameters(reference_run, tmp_path, monkeypatch):
     exp, ref_dir, _ = reference_run
     run_dir = tmp_path / "interrupted"
-    from moe.training import tasks
+    from moe.data import tasks
 
     original = tasks.Batcher.process_batch
 
@@ -85,7 +82,7 @@ def test_interrupted_run_resumes_to_bit_identical_parameters(reference_run, tmp_
     assert Checkpointer(run_dir / "checkpoints", keep=5).latest_step() == 4
     monkeypatch.setattr(tasks.Batcher, "process_batch", original)
     summary = train(exp, run_dir, progress=False)
-    assert summary["resumed_from"] == 4
+    assert summary.resumed_from == 4
     ours, ref = final_params(exp, run_dir, 12), final_params(exp, ref_dir, 12)
     assert len(ours) == len(ref)
     for a, b in zip(ours, ref):
@@ -154,7 +151,7 @@ def test_moe_eval_evaluates_a_named_checkpoint_and_keeps_the_metrics(reference_r
 
     exp, run_dir, _ = reference_run
     before = (run_dir / "metrics.jsonl").read_text().splitlines()
-    evaluate_checkpoint(exp, run_dir, step=8, split="valid")
+    evaluate_checkpoint(run_dir, step=8, split="valid")
     after = (run_dir / "metrics.jsonl").read_text().splitlines()
     assert after[: len(before)] == before and len(after) == len(before) + 1
     summary = json.loads((run_dir / "eval" / "summary.json").read_text())

@@ -1,0 +1,165 @@
+"""``report.md``: the run report as markdown, rendered from the ``moe.runfiles.Report`` that
+``report.build`` writes to ``report.json``. Missing numbers print as "n/a"; BLEU of a
+language-model task as "–"."""
+
+from __future__ import annotations
+
+from moe import runfiles as rf
+from moe.report import pathways
+from moe.report.format import DASH, NA, cell, fmt, table
+
+
+def _bleu(task: rf.ReportTask) -> str:
+    if task.bleu is None and task.kind != "translate":
+        return DASH
+    return fmt(task.bleu)
+
+
+def _summary(report: rf.Report) -> str:
+    train, experts, tasks = report.train, report.experts, report.tasks
+    kinds = sorted({t.kind for t in tasks.values() if t.kind})
+    parts = [
+        f"Run `{report.name}` trained {len(tasks)} task(s)"
+        + (f" ({', '.join(kinds)})" if kinds else "")
+        + f" for {fmt(train.steps)} steps in {fmt(train.wall_time_s, 1)} s"
+        + f" at {fmt(train.tokens_per_second, 0)} tokens/s."
+    ]
+    if experts.has_moe:
+        parts.append(
+            f"The model has {len(experts.layers) or NA} MoE layer(s) with "
+            f"{fmt(experts.num_experts)} experts each."
+        )
+    else:
+        parts.append("The model has no MoE layers (dense feed-forward blocks only).")
+    for name, t in tasks.items():
+        text = f"`{name}`: perplexity {fmt(t.perplexity)}"
+        if t.first_perplexity is not None:
+            text += f" (first evaluation {fmt(t.first_perplexity)})"
+        if t.bleu is not None:
+            text += f", BLEU {fmt(t.bleu)}"
+        parts.append(text + ".")
+    return " ".join(parts)
+
+
+def _tasks(report: rf.Report) -> list[str]:
+    rows = [
+        [
+            f"`{name}`",
+            t.kind or NA,
+            fmt(t.first_perplexity),
+            fmt(t.perplexity),
+            _bleu(t),
+            fmt(t.examples_seen),
+        ]
+        for name, t in report.tasks.items()
+    ]
+    header = [
+        "task",
+        "kind",
+        "perplexity (first eval)",
+        "perplexity (final)",
+        "BLEU",
+        "examples seen",
+    ]
+    lines = ["## Tasks", "", *table(header, rows), ""]
+    for name, t in report.tasks.items():
+        if t.bleu_signature:
+            lines.append(f"- `{name}` BLEU signature: `{t.bleu_signature}`")
+        if t.hypotheses:
+            lines.append(f"- `{name}` decodes: `{t.hypotheses}` vs `{t.references}`")
+    return lines + [""]
+
+
+def _plot(report: rf.Report, key: str, alt: str) -> list[str]:
+    name = report.plots.get(key)
+    return [f"![{alt}]({name})", ""] if name else [f"_{alt}: no data to plot._", ""]
+
+
+def _training(report: rf.Report) -> list[str]:
+    train = report.train
+    rows = [
+        ["steps", fmt(train.steps)],
+        ["wall time (s)", fmt(train.wall_time_s, 1)],
+        ["tokens / s", fmt(train.tokens_per_second, 0)],
+        ["step time (ms)", fmt(train.step_time_ms, 1)],
+        ["final training loss", fmt(train.final_loss, 3)],
+    ]
+    if train.skipped_steps is not None:
+        rows.append(["skipped steps (non-finite)", fmt(train.skipped_steps)])
+    lines = ["## Training", "", *table(["", "value"], rows), ""]
+    lines += _plot(report, "loss", "Training loss per task")
+    lines += _plot(report, "throughput", "Throughput and step time")
+    if report.data:
+        keys = ["train", "valid", "test", "malformed", "duplicates"]
+        rows = [[f"`{n}`", *(fmt(getattr(d, k)) for k in keys)] for n, d in report.data.items()]
+        lines += ["### Data", "", *table(["task", *keys], rows), ""]
+    else:
+        lines += ["Data counts: n/a (no train_summary.json).", ""]
+    return lines
+
+
+def _experts(report: rf.Report) -> list[str]:
+    experts = report.experts
+    if not experts.has_moe:
+        return ["## Experts", "", "The model has no MoE layers: no routing statistics.", ""]
+    rows = [
+        [
+            f"`{layer}`",
+            fmt(s.final_dropped_fraction, 4),
+            fmt(s.mean_dropped_fraction, 4),
+            fmt(s.final_load_cv, 3),
+            fmt(s.final_aux_loss, 4),
+            fmt(s.final_z_loss, 4),
+        ]
+        for layer, s in experts.layers.items()
+    ]
+    header = ["layer", "dropped (final)", "dropped (mean)", "load CV (final)", "aux loss", "z loss"]
+    lines = ["## Experts", "", f"Experts per MoE layer: {fmt(experts.num_experts)}.", ""]
+    lines += table(header, rows) if rows else ["Routing statistics: n/a (none logged)."]
+    lines += ["", f"Expert usage ({experts.usage_source}):", ""]
+    lines += _plot(report, "expert_usage", "Expert usage, tasks x experts, per MoE layer")
+    lines += _plot(report, "routing", "Drop rate and load CV per MoE layer")
+    return lines
+
+
+def _pod(report: rf.Report) -> list[str]:
+    pod = report.pod
+    rows = [
+        ["pod slice", f"{pod.topology or NA} {pod.slice or ''}".strip()],
+        ["devices", fmt(pod.devices)],
+        ["processes", fmt(pod.processes)],
+        ["measured step time here (ms)", fmt(pod.measured_step_ms, 1)],
+        ["projected step time on the slice (ms)", fmt(pod.projected_step_ms, 3)],
+        ["measured / projected", fmt(pod.measured_over_projected, 1)],
+    ]
+    lines = ["## Pod", "", *table(["", "value"], rows), ""]
+    if pod.projected_breakdown:
+        rows = [[k, fmt(v, 3)] for k, v in pod.projected_breakdown.items()]
+        lines += ["Projected breakdown:", "", *table(["part", "value"], rows), ""]
+    return lines
+
+
+def _examples(summary: rf.EvalSummary, per_task: int = 3) -> list[str]:
+    lines = ["## Decoded examples", ""]
+    shown = False
+    for name, task in summary.tasks.items():
+        if not task.examples:
+            continue
+        shown = True
+        lines += [f"### `{name}`", ""]
+        for ex in task.examples[:per_task]:
+            for key in ("source", "reference", "hypothesis"):
+                lines.append(f"- **{key}**: {cell(getattr(ex, key))}")
+            lines.append("")
+    return lines if shown else lines + ["n/a (no decoded examples in eval/summary.json).", ""]
+
+
+def render(report: rf.Report, summary: rf.EvalSummary) -> str:
+    """The whole report.md for a report and the run's final evaluation summary."""
+    lines = [f"# Run report: {report.name}", "", _summary(report), ""]
+    if report.problems:
+        lines += ["Missing or unreadable: " + "; ".join(report.problems) + ".", ""]
+    lines += _tasks(report) + _training(report) + _experts(report)
+    lines += pathways.markdown(report.pathways, "pathways" in report.plots)
+    lines += _pod(report) + _examples(summary)
+    return "\n".join(lines).rstrip() + "\n"

@@ -1,0 +1,167 @@
+"""Evaluating a model on every task of an experiment: perplexity, decoding + BLEU, expert usage.
+
+An :class:`Evaluator` holds what every evaluation of a run shares (the experiment, its data and
+its placement, with the jitted programs); ``perplexities`` is the quick held-out check run
+during training, ``full`` the final evaluation that writes ``eval/<task>.hyp.txt``/``.ref.txt``
+and ``eval/summary.json`` (a ``moe.runfiles.EvalSummary``, the report's input). Every process
+runs the same jitted programs on its rows of each batch.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.experimental import multihost_utils
+
+from moe import runfiles as rf
+from moe.config import Experiment
+from moe.data.pipeline import RunData
+from moe.data.vocab import BOS_ID, EOS_ID
+from moe.eval import bleu, decoding
+from moe.training.sharding import Placement
+from moe.training.step import LossWeights, eval_step
+
+Usage = dict[str, dict[str, list[float]]]  # {layer: {task: load [E]}}
+
+
+def _rows(host: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """This process's contiguous share of a global batch's rows."""
+    n, p = jax.process_count(), jax.process_index()
+    per = next(iter(host.values())).shape[0] // n
+    return {k: v[p * per : (p + 1) * per] for k, v in host.items()}
+
+
+class Evaluator:
+    """Evaluation of one run's model (any parameters of its structure) on its tasks."""
+
+    def __init__(self, exp: Experiment, data: RunData, placement: Placement):
+        self.exp, self.data, self.placement = exp, data, placement
+
+    def _program(self, kind: str, make: Callable[[], Callable]) -> Callable:
+        key = (kind, self.placement.graphdef)
+        if key not in self.placement.programs:
+            self.placement.programs[key] = self.placement.jit(make())
+        return self.placement.programs[key]
+
+    def eval_step(self) -> Callable:
+        """``fn(params, batch) -> metrics`` (``moe.training.step.eval_step``), jitted once."""
+        exp = self.exp
+        weights = LossWeights(aux=exp.moe.aux_loss_weight, z=exp.moe.z_loss_weight)
+        return self._program(
+            "eval",
+            lambda: functools.partial(
+                eval_step,
+                graphdef=self.placement.graphdef,
+                weights=weights,
+                num_tasks=len(self.data.tasks),
+            ),
+        )
+
+    def metrics(self, params: Any, host: dict[str, np.ndarray]) -> dict[str, Any]:
+        """Host metrics of one global batch (this process feeds its rows)."""
+        return jax.device_get(self.eval_step()(params, self.placement.batch(_rows(host))))
+
+    def perplexities(
+        self, params: Any, split: str, max_batches: int | None = None
+    ) -> tuple[dict[str, rf.TaskEval], Usage]:
+        """Per task, loss and perplexity over up to ``max_batches`` (default ``eval.batches``)
+        batches of its ``split``; and per layer, each task's expert usage."""
+        exp = self.exp
+        limit = exp.eval.batches if max_batches is None else max_batches
+        out: dict[str, rf.TaskEval] = {}
+        usage: Usage = {}
+        for ti, task in enumerate(self.data.tasks):
+            nll = tokens = 0.0
+            loads: dict[str, list[np.ndarray]] = {}
+            for host in self.data.eval_batches(ti, split, exp.eval.batch_size, limit):
+                m = self.metrics(params, host)
+                nll += float(m["task_nll"][ti])
+                tokens += float(m["task_tokens"][ti])
+                for layer, stats in m["moe"].items():
+                    if "expert_load" in stats:
+                        loads.setdefault(layer, []).append(np.asarray(stats["expert_load"]))
+            loss = nll / tokens if tokens else None
+            out[task.name] = rf.TaskEval(
+                kind=task.kind,
+                loss=loss,
+                perplexity=math.exp(min(loss, 50.0)) if loss is not None else None,
+                tokens=tokens,
+            )
+            for layer, rows in loads.items():
+                usage.setdefault(layer, {})[task.name] = np.mean(rows, axis=0).tolist()
+        return out, usage
+
+    def _decoder(self) -> Callable:
+        ev, graphdef = self.exp.eval, self.placement.graphdef
+
+        def run(params, src, task):
+            model = nnx.merge(graphdef, params)
+
+            def encode_fn(s):
+                t = jnp.broadcast_to(task, s.shape[:1])
+                enc, valid, _ = model.encode(s, t)
+                return enc, valid, t
+
+            def decode_fn(enc, tgt):
+                return model.decode(tgt, enc[0], enc[1], enc[2])[0]
+
+            common = dict(max_len=ev.max_decode_length, bos_id=BOS_ID, eos_id=EOS_ID)
+            if ev.beam_size > 1:
+                return decoding.beam_search(
+                    encode_fn, decode_fn, src, beam_size=ev.beam_size,
+                    length_penalty=ev.length_penalty, **common,
+                )  # fmt: skip
+            return decoding.greedy_decode(encode_fn, decode_fn, src, **common)
+
+        return self._program("decode", lambda: run)
+
+    def decode_task(self, params: Any, ti: int, split: str):
+        """Decode up to ``eval.bleu_examples`` examples of task ``ti``: (sources, refs, hyps)."""
+        sources, refs, src_tokens = self.data.references(ti, split, self.exp.eval.bleu_examples)
+        if not refs:
+            return [], [], []
+        fn = self._decoder()
+        bs = self.exp.eval.batch_size
+        hyps: list[str] = []
+        for start in range(0, len(refs), bs):
+            chunk = src_tokens[start : start + bs]
+            pad = bs - chunk.shape[0]
+            chunk = np.pad(chunk, ((0, pad), (0, 0)))
+            src = self.placement.batch(_rows({"src": chunk}))["src"]
+            out = fn(params, src, jnp.int32(ti))
+            ids = np.asarray(multihost_utils.process_allgather(out, tiled=True))[: bs - pad]
+            hyps.extend(self.data.vocab.decode(row.tolist()) for row in ids)
+        return sources, refs, hyps
+
+    def full(self, run_dir: Path, params: Any, split: str, step: int) -> rf.EvalSummary:
+        """Final evaluation of every task; writes eval files and ``eval/summary.json``."""
+        exp, primary = self.exp, jax.process_index() == 0
+        tasks, usage = self.perplexities(params, split, max_batches=10**9)
+        for ti, task in enumerate(self.data.tasks):
+            row = tasks[task.name]
+            if task.kind != "translate" or not exp.eval.bleu_examples:
+                continue
+            sources, refs, hyps = self.decode_task(params, ti, split)
+            if not refs:
+                continue
+            row.bleu, row.bleu_signature = bleu.corpus_bleu(hyps, refs)
+            if primary:
+                hyp_p, ref_p = bleu.write_decodes(run_dir, task.name, hyps, refs)
+                row.hypotheses = str(hyp_p.relative_to(run_dir))
+                row.references = str(ref_p.relative_to(run_dir))
+            row.examples = [
+                rf.DecodedExample(source=s, reference=r, hypothesis=h)
+                for s, r, h in list(zip(sources, refs, hyps))[:5]
+            ]
+        summary = rf.EvalSummary(step=step, split=split, tasks=tasks, expert_usage=usage)
+        if primary:
+            rf.write_json(run_dir / "eval" / "summary.json", summary)
+        return summary

@@ -1,0 +1,51 @@
+"""A trained run brought back: its config, placement and the parameters of a checkpoint.
+
+Used by ``moe eval``, ``moe extract`` and ``moe grow`` (and the tools of later issues that
+start from a trained run). The tree structure comes from the resolved config (the model
+definition), the values from the checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from moe import config as cfg
+from moe.errors import UserError
+from moe.training.checkpoint import Checkpointer
+from moe.training.sharding import Placement
+
+
+@dataclasses.dataclass
+class Restored:
+    """A trained model: its config, mesh placement, structure and parameters (on devices)."""
+
+    exp: cfg.Experiment
+    placement: Placement  # its graphdef is the model's structure
+    params: Any  # nnx.State of the model's nnx.Param leaves
+    step: int
+
+
+def run_config(run_dir: Path) -> cfg.Experiment:
+    """The resolved config of a run directory."""
+    if not (Path(run_dir) / "config.yaml").is_file():
+        raise UserError(f"{run_dir} is not a run directory (no config.yaml)")
+    return cfg.load(Path(run_dir) / "config.yaml")
+
+
+def restore(run_dir: Path, step: int | None = None) -> Restored:
+    """The parameters of ``run_dir``'s latest (or ``step``) checkpoint, placed on its mesh."""
+    run_dir = Path(run_dir)
+    exp = run_config(run_dir)
+    placement = Placement.for_experiment(exp)
+    ckpt = Checkpointer(run_dir / "checkpoints", keep=exp.checkpoint.keep)
+    steps = ckpt.all_steps()
+    if not steps:
+        raise UserError(f"{run_dir / 'checkpoints'} holds no checkpoint")
+    if step is not None and step not in steps:
+        raise UserError(f"{run_dir / 'checkpoints'} has no step {step} (has {steps})")
+    step = max(steps) if step is None else step
+    state, _ = ckpt.restore(step, placement.abstract_state)
+    ckpt.close()
+    return Restored(exp, placement, state.params, step)
