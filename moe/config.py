@@ -202,7 +202,17 @@ class MixtureConfig(Section):
 
 class TrainConfig(Section):
     steps: int = Field(300, gt=0, description="Optimizer steps.")
-    batch_size: int = Field(32, gt=0, description="Global batch size (examples).")
+    batch_size: int = Field(
+        32,
+        gt=0,
+        description="Global batch size in rows of (max_source_length, max_target_length) "
+        "tokens; one example a row, or several with `pack`.",
+    )
+    pack: bool = Field(
+        True,
+        description="Pack several examples into each row (T5X-style: attention never crosses "
+        "examples, the loss is per token), so few positions are padding; false: one a row.",
+    )
     optimizer: Literal["adam", "adamw", "adafactor"] = Field("adam", description="optax optimizer.")
     learning_rate: float = Field(1e-3, gt=0.0, description="Peak learning rate.")
     schedule: Literal["inverse_sqrt", "cosine", "constant"] = Field(

@@ -69,13 +69,45 @@ class PodSummary(RunFile):
     projected_breakdown: dict[str, Number] = Field(default_factory=dict)
 
 
+class Timing(RunFile):
+    """Seconds spent in each phase of ``moe train`` (this run; a resumed run counts its own)."""
+
+    data_s: Number = None  # reading sources, vocabulary, token stores
+    init_s: Number = None  # mesh, parameters born sharded, checkpoint restore
+    compile_s: Number = None  # the first step: compiling the train step, and running it once
+    train_s: Number = None  # the other steps (steady state)
+    eval_s: Number = None  # periodic evaluation during training
+    checkpoint_s: Number = None
+    final_eval_s: Number = None  # the final evaluation with decoding and BLEU
+    total_s: Number = None
+
+
 class TrainSummary(RunFile):
     steps: Count = None
     resumed_from: Count = None
     wall_time_s: Number = None
-    tokens_per_second: Number = None
-    step_time_ms: Number = None
+    tokens_per_second: Number = Field(
+        None,
+        description="Real target tokens per second of steady-state training (compile, "
+        "evaluation and checkpoints excluded).",
+    )
+    step_time_ms: Number = Field(None, description="Steady-state step time.")
     skipped_steps: Count = None
+    examples_per_step: Number = None
+    target_tokens_per_step: Number = None
+    padding_fraction: Number = Field(
+        None, description="Share of the batch's source and target positions that are padding."
+    )
+    model_flops_per_step: Number = Field(
+        None, description="FLOPs of one train step, all devices (XLA's cost analysis)."
+    )
+    host_matmul_flops: Number = Field(
+        None, description="This host's f32 matmul rate (a jitted 2048x2048 matmul)."
+    )
+    flop_utilisation: Number = Field(
+        None, description="model_flops_per_step / step time / host_matmul_flops."
+    )
+    timing: Timing = Field(default_factory=Timing)
     examples_seen: dict[str, int] = Field(
         default_factory=dict, description="Training examples per task, all processes together."
     )
@@ -179,6 +211,11 @@ class ReportTrain(RunFile):
     tokens_per_second: Number = None
     step_time_ms: Number = None
     skipped_steps: Count = None
+    examples_per_step: Number = None
+    padding_fraction: Number = None
+    model_flops_per_step: Number = None
+    flop_utilisation: Number = None
+    timing: Timing = Field(default_factory=Timing)
     final_loss: Number = None
     examples_seen: dict[str, int] | None = None
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -238,13 +239,9 @@ class RunData:
     def eval_batches(
         self, ti: int, split: str, batch_size: int, limit: int
     ) -> Iterator[dict[str, np.ndarray]]:
-        """Global batches of one task's split; padding rows have no targets (no loss)."""
-        for i, batch in enumerate(self.batcher.eval_batches(ti, split, batch_size)):
-            if i >= limit:
-                return
-            mask = batch.pop("mask")
-            batch["tgt_out"] = np.where(mask[:, None], batch["tgt_out"], 0)
-            yield batch
+        """Up to ``limit`` global batches of one task's split, in order (empty rows, if any, hold
+        no target: no loss)."""
+        yield from itertools.islice(self.batcher.eval_batches(ti, split, batch_size), limit)
 
     def references(self, ti: int, split: str, n: int) -> tuple[list[str], list[str], np.ndarray]:
         """The first ``n`` examples of a split: source texts, reference texts, source tokens."""
@@ -298,6 +295,7 @@ def prepare(exp: Experiment, say: Callable[..., None] = print) -> RunData:
         max_src_len=exp.model.max_source_length,
         max_tgt_len=exp.model.max_target_length,
         seed=exp.train.seed,
+        pack=exp.train.pack,
         temperature=exp.mixture.temperature,
     )
     return RunData(prepared.tasks, prepared.vocab, batcher, prepared.notes)

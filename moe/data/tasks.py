@@ -4,7 +4,8 @@ A `Task` is a name, a kind ("lm" | "translate"), a tag (`<2de>`, `<lm>`) whose i
 source token of each of its rows, and its train/valid/test rows (token stores or arrays).
 
 `Batcher` builds the global batch of step `s` from (seed, s) alone, so a resumed run sees exactly
-the data it would have seen, and each process can build and read only its own rows.
+the data it would have seen, and each process can build and read only its own rows. With
+`pack=True` several examples share a row (`moe.data.packing`).
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ from typing import Protocol
 
 import numpy as np
 
+from moe.data.packing import Layout, assemble, first_fit
 from moe.data.sources import Example, SourceStats
-from moe.data.vocab import BOS_ID
 
 SPLITS = ("train", "valid", "test")
 Batch = dict[str, np.ndarray]
@@ -33,6 +34,8 @@ class Rows(Protocol):
     def widths(self) -> tuple[int, int]: ...
 
     def read_rows(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
+
+    def read_lengths(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
 
 
 @dataclass(frozen=True, eq=False)
@@ -90,14 +93,26 @@ def mixture_probabilities(
     return q / q.sum()
 
 
-class Batcher:
-    """Deterministic mixture batches of global size `batch_size` with widths (Ls, Lt).
+@dataclass(frozen=True)
+class StepPlan:
+    """The examples of one global batch and where they go: ``task`` int32 [N], ``row`` int64 [N]
+    (index into the task's train split), their lengths and ``layout`` (``moe.data.packing``)."""
 
-    Row r of step s: task ~ mixture_probabilities(train sizes, temperature, weights), example ~
-    uniform over that task's train split, both drawn from numpy's Generator seeded by
-    (seed, s). Batch arrays (int32): `src` [B, Ls] (task tag first), `tgt_in` [B, Lt] (bos +
-    target shifted right), `tgt_out` [B, Lt] (target + eos; 0 = pad, mask the loss with
-    tgt_out != 0), `task` [B] (index into `tasks`).
+    task: np.ndarray
+    row: np.ndarray
+    src_len: np.ndarray
+    tgt_len: np.ndarray
+    layout: Layout
+
+
+class Batcher:
+    """Deterministic mixture batches of global size `batch_size` rows with widths (Ls, Lt).
+
+    Examples are drawn from numpy's Generator seeded by (seed, s): task ~
+    mixture_probabilities(train sizes, temperature, weights), example ~ uniform over that task's
+    train split. Unpacked, row r of step s holds the r-th draw; packed (`pack=True`), draws are
+    placed first fit until the rows are full (`moe.data.packing.first_fit`). Batch arrays are
+    `moe.data.packing.BATCH_KEYS` (int32 [B, L]; 0 = padding; mask the loss with tgt_out != 0).
     """
 
     def __init__(
@@ -109,11 +124,12 @@ class Batcher:
         max_tgt_len: int,
         seed: int,
         temperature: float = 5.0,
+        pack: bool = False,
     ):
         if not tasks:
             raise ValueError("Batcher needs at least one task")
         self.tasks = tuple(tasks)
-        self.batch_size, self.seed = batch_size, seed
+        self.batch_size, self.seed, self.pack = batch_size, seed, pack
         self.widths = (max_src_len, max_tgt_len)
         for task in self.tasks:
             for split, rows in task.splits.items():
@@ -125,22 +141,65 @@ class Batcher:
         self.train_sizes = np.array([t.size("train") for t in self.tasks], np.int64)
         weights = [t.weight for t in self.tasks]
         self.probabilities = mixture_probabilities(self.train_sizes, temperature, weights)
+        self._lengths: dict[tuple[int, str], tuple[np.ndarray, np.ndarray]] = {}
+        self._last_plan: tuple[int, StepPlan] | None = None  # a step's plan is asked for twice
 
-    def plan(self, step: int) -> tuple[np.ndarray, np.ndarray]:
-        """(task index int32 [B], train row index int64 [B]) of step `step`, from (seed, step)."""
+    def lengths(self, task: int, split: str) -> tuple[np.ndarray, np.ndarray]:
+        """(src_len, tgt_len) int32 [n] of every example of a task's split (read once)."""
+        key = (task, split)
+        if key not in self._lengths:
+            rows = self.tasks[task].splits.get(split)
+            n = 0 if rows is None else rows.num_rows
+            self._lengths[key] = (
+                rows.read_lengths(np.arange(n)) if n else (np.zeros(0, np.int32),) * 2
+            )
+        return self._lengths[key]
+
+    def plan(self, step: int) -> StepPlan:
+        """The examples of step `step` and their places, from (seed, step) alone."""
+        if self._last_plan is None or self._last_plan[0] != step:
+            self._last_plan = (step, self._plan(step))
+        return self._last_plan[1]
+
+    def _plan(self, step: int) -> StepPlan:
         rng = np.random.default_rng([self.seed, step])
-        task_ids = rng.choice(len(self.tasks), size=self.batch_size, p=self.probabilities)
-        rows = rng.integers(0, self.train_sizes[task_ids])
-        return task_ids.astype(np.int32), rows
+
+        def draw(n: int) -> tuple[np.ndarray, np.ndarray]:
+            task_ids = rng.choice(len(self.tasks), size=n, p=self.probabilities)
+            return task_ids.astype(np.int32), rng.integers(0, self.train_sizes[task_ids])
+
+        task, row = draw(self.batch_size)
+        src_len, tgt_len = self._example_lengths(task, row)
+        if not self.pack:
+            return StepPlan(task, row, src_len, tgt_len, Layout.one_per_row(self.batch_size))
+        tasks, rows = [task], [row]
+
+        def more():
+            t, r = draw(self.batch_size)
+            tasks.append(t)
+            rows.append(r)
+            return self._example_lengths(t, r)
+
+        taken, layout = first_fit(src_len, tgt_len, self.batch_size, self.widths, more)
+        task, row = np.concatenate(tasks)[taken], np.concatenate(rows)[taken]
+        src_len, tgt_len = self._example_lengths(task, row)
+        return StepPlan(task, row, src_len, tgt_len, layout)
+
+    def _example_lengths(self, task: np.ndarray, row: np.ndarray):
+        src, tgt = np.zeros(len(task), np.int32), np.zeros(len(task), np.int32)
+        for t in np.unique(task):
+            where = np.flatnonzero(task == t)
+            s, g = self.lengths(int(t), "train")
+            src[where], tgt[where] = s[row[where]], g[row[where]]
+        return src, tgt
 
     def global_batch(self, step: int) -> Batch:
         return self.process_batch(step, 0, 1)
 
     def process_batch(self, step: int, process_index: int, process_count: int) -> Batch:
-        """Rows [i*B/P, (i+1)*B/P) of the global batch of `step`; reads only those rows."""
+        """Rows [i*B/P, (i+1)*B/P) of the global batch of `step`; reads only their examples."""
         lo, hi = _process_slice(self.batch_size, process_index, process_count)
-        task_ids, rows = self.plan(step)
-        return self._assemble(task_ids[lo:hi], rows[lo:hi], "train")
+        return self._rows(self.plan(step), lo, hi, "train")
 
     def eval_batches(
         self,
@@ -151,23 +210,26 @@ class Batcher:
         process_index: int = 0,
         process_count: int = 1,
     ) -> Iterator[Batch]:
-        """Every row of one task's split in order, `batch_size` rows a batch (this process's part).
-
-        The last batch is padded to full size by repeating its first row; `mask` bool [B] is False
-        on the padding rows.
-        """
+        """Every example of one task's split, in order, `batch_size` rows a batch (packed if the
+        batcher packs; this process's rows). Rows of the last batch may be empty (all 0)."""
         t = self._task_index(task)
         lo, hi = _process_slice(batch_size, process_index, process_count)
-        n = self.tasks[t].size(split)
-        for start in range(0, n, batch_size):
-            rows = np.arange(start, min(start + batch_size, n))
-            mask = np.zeros((batch_size,), bool)
-            mask[: len(rows)] = True
-            rows = np.concatenate([rows, np.full((batch_size - len(rows),), start)])  # [B]
-            task_ids = np.full((batch_size,), t, np.int32)
-            batch = self._assemble(task_ids[lo:hi], rows[lo:hi], split)
-            batch["mask"] = mask[lo:hi]
-            yield batch
+        src_len, tgt_len = self.lengths(t, split)
+        start = 0
+        while start < len(src_len):
+            if self.pack:  # first fit over the next examples, up to the first that fits no row
+                window = slice(start, start + 64 * batch_size)
+                taken, layout = first_fit(
+                    src_len[window], tgt_len[window], batch_size, self.widths, max_misses=1
+                )
+            else:
+                taken = np.arange(min(batch_size, len(src_len) - start))
+                layout = Layout.one_per_row(len(taken))
+            rows = start + taken
+            n = len(rows)
+            plan = StepPlan(np.full(n, t, np.int32), rows, src_len[rows], tgt_len[rows], layout)
+            yield self._rows(plan, lo, hi, split)
+            start += n
 
     def _task_index(self, task: int | str) -> int:
         if isinstance(task, str):
@@ -177,18 +239,24 @@ class Batcher:
             return names.index(task)
         return int(task)
 
-    def _assemble(self, task_ids: np.ndarray, rows: np.ndarray, split: str) -> Batch:
-        ls, lt = self.widths
-        b = len(task_ids)
-        src = np.zeros((b, ls), np.int32)  # [b, Ls]
-        tgt = np.zeros((b, lt), np.int32)  # [b, Lt]
-        for t in np.unique(task_ids):
-            where = np.flatnonzero(task_ids == t)
-            s, g = self.tasks[t].splits[split].read_rows(rows[where])
-            src[where, : s.shape[1]] = s
-            tgt[where, : g.shape[1]] = g
-        tgt_in = np.concatenate([np.full((b, 1), BOS_ID, np.int32), tgt[:, :-1]], axis=1)
-        return {"src": src, "tgt_in": tgt_in, "tgt_out": tgt, "task": task_ids.astype(np.int32)}
+    def _rows(self, plan: StepPlan, lo: int, hi: int, split: str) -> Batch:
+        """Batch rows [lo, hi) of a plan: read their examples and assemble the arrays."""
+        mine = np.flatnonzero((plan.layout.slot >= lo) & (plan.layout.slot < hi))
+        src, tgt = [None] * len(mine), [None] * len(mine)
+        for t in np.unique(plan.task[mine]):
+            where = np.flatnonzero(plan.task[mine] == t)
+            idx = mine[where]
+            s, g = self.tasks[t].splits[split].read_rows(plan.row[idx])
+            for j, i in enumerate(where):
+                src[i] = s[j, : plan.src_len[idx[j]]]
+                tgt[i] = g[j, : plan.tgt_len[idx[j]]]
+        layout = Layout(
+            plan.layout.slot[mine] - lo,
+            plan.layout.src_offset[mine],
+            plan.layout.tgt_offset[mine],
+            plan.layout.segment[mine],
+        )
+        return assemble(hi - lo, self.widths, layout, src, tgt, plan.task[mine])
 
 
 def _process_slice(batch_size: int, process_index: int, process_count: int) -> tuple[int, int]:

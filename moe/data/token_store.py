@@ -111,6 +111,12 @@ class ArrayRows:
         idx = np.asarray(indices, np.int64)
         return self.src[idx], self.tgt[idx]
 
+    def read_lengths(self, indices: Sequence[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Tokens before the padding (0 never occurs inside an example)."""
+        idx = np.asarray(indices, np.int64)
+        src, tgt = self.src[idx], self.tgt[idx]
+        return (src != 0).sum(1).astype(np.int32), (tgt != 0).sum(1).astype(np.int32)
+
 
 class TokenStore:
     """One task-split's rows on disk; `open` it, then `read_rows(indices)`."""

@@ -50,8 +50,3 @@ class Attention(nnx.Module):
 def causal_mask(length: int) -> jax.Array:
     """bool[1, L, L]: position q may attend to positions <= q."""
     return jnp.tril(jnp.ones((length, length), dtype=bool))[None]
-
-
-def padding_mask(key_valid: jax.Array) -> jax.Array:
-    """bool[B, 1, Lk] from a bool[B, Lk] mask of real (non-pad) key positions."""
-    return key_valid[:, None, :]

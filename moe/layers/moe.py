@@ -173,16 +173,30 @@ class MoeBlock(nnx.Module):
         router_bias: jax.Array | None = None,
     ) -> Routing:
         """The block's routing of flattened tokens ``x_td [T, d]`` (masks and bias flattened
-        to ``[T]``, ``[T, E]``, ``[T, d]``); a masked expert holds none of its masked tokens."""
+        to ``[T]``, ``[T, E]``, ``[T, d]``); a masked expert holds none of its masked tokens.
+
+        The capacity rule (``MoeSpec.capacity``) counts the real tokens of ``token_mask``: the
+        buffers keep ``capacity(T)`` slots (a static shape), of which ``capacity(n_real)`` are
+        used, so padding neither adds slots nor takes them (packed rows have little of it)."""
+        num_tokens = x_td.shape[0]
+        limit = None
+        if token_mask is not None:  # capacity counts the group's real tokens, not its padding
+            table = [self.spec.capacity(n, train=train) if n else 1 for n in range(num_tokens + 1)]
+            limit = jnp.asarray(table, jnp.int32)[jnp.sum(token_mask.astype(jnp.int32))]
         routing = self.router(
             x_td,
-            capacity=self.spec.capacity(x_td.shape[0], train=train),
+            capacity=self.spec.capacity(num_tokens, train=train),
             train=train,
             rngs=rngs,
             token_mask=token_mask,
             expert_mask=expert_mask,
             router_bias=router_bias,
+            capacity_limit=limit,
         )
+        if limit is not None:
+            routing = dataclasses.replace(
+                routing, stats={**routing.stats, "capacity": limit.astype(jnp.float32)}
+            )
         if expert_mask is not None:
             routing = restrict_to_allowed(routing, expert_mask.astype(bool))
         return routing

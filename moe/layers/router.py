@@ -63,8 +63,10 @@ class Router(nnx.Module):
         token_mask: jax.Array | None = None,
         expert_mask: jax.Array | None = None,
         router_bias: jax.Array | None = None,
+        capacity_limit: jax.Array | None = None,
     ) -> Routing:
-        """Route ``x_td [T, d]`` with ``capacity`` slots per expert.
+        """Route ``x_td [T, d]`` with ``capacity`` slots per expert (``capacity_limit`` of them
+        usable, when given: see ``moe.routing.token_choice.top_k``).
 
         ``token_mask bool[T]`` marks real tokens; ``expert_mask bool[T, E]`` False pairs get
         the logit ``MASKED_LOGIT``; ``router_bias [T, d]`` is added to the router input.
@@ -97,6 +99,7 @@ class Router(nnx.Module):
                 batch_priority=spec.batch_priority,
                 key=_key(rngs, "second expert") if random else None,
                 token_mask=token_mask,
+                capacity_limit=capacity_limit,
             )
         if spec.router == "noisy":
             noise_std = jax.nn.softplus(_logits(h, self.w_noise)) + NOISE_EPSILON  # [T, E]
@@ -108,12 +111,15 @@ class Router(nnx.Module):
                 key=_key(rngs, "noise") if train else None,
                 train=train,
                 token_mask=token_mask,
+                capacity_limit=capacity_limit,
             )
         if spec.router == "expert_choice":
-            return expert_choice.route(logits, capacity=capacity, token_mask=token_mask)
-        return self._hierarchical(h, logits, allowed, capacity, token_mask)
+            return expert_choice.route(
+                logits, capacity=capacity, token_mask=token_mask, capacity_limit=capacity_limit
+            )
+        return self._hierarchical(h, logits, allowed, capacity, token_mask, capacity_limit)
 
-    def _hierarchical(self, h, logits, allowed, capacity, token_mask) -> Routing:
+    def _hierarchical(self, h, logits, allowed, capacity, token_mask, capacity_limit) -> Routing:
         a = self.spec.num_groups
         b = self.spec.num_experts // a
         primary = _logits(h, self.w_primary)  # [T, A]
@@ -126,6 +132,7 @@ class Router(nnx.Module):
             k_secondary=min(self.spec.top_k, b),
             capacity=capacity,
             token_mask=token_mask,
+            capacity_limit=capacity_limit,
         )
 
 

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moe.layers.attention import Attention, causal_mask, padding_mask
+from moe.layers.attention import Attention, causal_mask
 from moe.layers.dense import DenseFFN
 from moe.layers.moe import MoeBlock, MoeSpec
 from moe.layers.params import param
@@ -78,6 +78,54 @@ class TransformerSpec:
     def layer_moe(self, stack: str, i: int) -> MoeSpec | None:
         """The MoE spec of block ``i`` of ``stack`` ('encoder' | 'decoder'), None if dense."""
         return dict(self.moe_layers).get(f"{stack}/{i}")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Segments:
+    """Which example each position of a row belongs to (packed rows, ``moe.data.packing``).
+
+    ``segment int32[B, L]``: 1, 2, ... for the examples of a row, 0 for padding; ``position
+    int32[B, L]``: the position within its example; ``task int32[B, L]``: its task. Attention
+    never crosses examples; an unpacked row is one segment.
+    """
+
+    segment: jax.Array
+    position: jax.Array
+    task: jax.Array
+
+    @classmethod
+    def unpacked(cls, tokens: jax.Array, task: jax.Array) -> Segments:
+        """One example a row: real tokens are segment 1 at positions 0, 1, ...; ``task [B]``."""
+        segment = (tokens != PAD_ID).astype(jnp.int32)
+        position = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+        task = jnp.broadcast_to(jnp.asarray(task, jnp.int32)[:, None], tokens.shape)
+        return cls(segment, position, task)
+
+    @property
+    def valid(self) -> jax.Array:
+        """bool[B, L]: real tokens."""
+        return self.segment > 0
+
+    def attention_mask(self, keys: Segments, *, causal: bool = False) -> jax.Array:
+        """bool[B, Lq, Lk]: query and key in the same example (and key not after the query)."""
+        mask = (self.segment[:, :, None] == keys.segment[:, None, :]) & keys.valid[:, None, :]
+        if causal:
+            mask = mask & causal_mask(self.segment.shape[1])
+        return mask
+
+    def prefix_of(self, tgt: Segments) -> Segments:
+        """A prefix LM's [source; target] rows: target positions continue after their own
+        example's source (``self`` holds the sources)."""
+        width = self.segment.shape[1]  # segment ids are < width + 1
+        onehot = jax.nn.one_hot(self.segment, width + 1, dtype=jnp.int32)  # [B, Ls, S]
+        src_len = onehot.sum(1)  # [B, S]: source tokens of each example
+        offset = jnp.take_along_axis(src_len, tgt.segment, axis=1) * (tgt.segment > 0)
+        return Segments(
+            jnp.concatenate([self.segment, tgt.segment], axis=1),
+            jnp.concatenate([self.position, tgt.position + offset], axis=1),
+            jnp.concatenate([self.task, tgt.task], axis=1),
+        )
 
 
 class Block(nnx.Module):
@@ -193,65 +241,64 @@ class Transformer(nnx.Module):
         )
 
     # -- pieces ------------------------------------------------------------------------------
-    def _moe_kw(self, stack: str, i: int, task, shape) -> dict:
-        """Pathway mask and task router input of MoE block ``i`` for tokens of ``shape [B, S]``
-        whose rows belong to tasks ``task int32[B]``."""
+    def _moe_kw(self, stack: str, i: int, task_bs) -> dict:
+        """Pathway mask and task router input of MoE block ``i`` for tokens whose tasks are
+        ``task_bs int32[B, S]``."""
         if not (self.encoder if stack == "encoder" else self.decoder)[i].is_moe:
             return {}
         kw = {}
         mask = dict(self.spec.pathways).get(f"{stack}/{i}")
         if mask is not None:
-            allowed_te = jnp.asarray(mask, bool)[task]  # [B, E]
-            kw["expert_mask"] = jnp.broadcast_to(allowed_te[:, None, :], (*shape, len(mask[0])))
+            kw["expert_mask"] = jnp.asarray(mask, bool)[task_bs]  # [B, S, E]
         if self.spec.routing_input[stack == "decoder"] != "token":
-            emb = jnp.take(self.task_embed[...], task, axis=0)  # [B, d]
-            kw["router_bias"] = jnp.broadcast_to(emb[:, None, :], (*shape, emb.shape[-1]))
+            kw["router_bias"] = jnp.take(self.task_embed[...], task_bs, axis=0)  # [B, S, d]
         return kw
 
-    def _embed(self, tokens):
+    def _embed(self, tokens, positions):
         d = self.spec.d_model
         x = jnp.take(self.embed[...], tokens, axis=0) * jnp.sqrt(jnp.float32(d))  # [B, L, d]
-        return x + sinusoidal(tokens.shape[1], d)[None]
+        return x + jnp.take(sinusoidal(tokens.shape[1], d), positions, axis=0)
 
-    def encode(self, src, task, *, train=False, rngs=None):
-        """Encoder states. Returns ``(enc [B, Ls, d], src_valid [B, Ls], aux)``."""
-        valid = src != PAD_ID
+    def encode(self, src, task, *, train=False, rngs=None, segments: Segments | None = None):
+        """Encoder states. Returns ``(enc [B, Ls, d], src Segments, aux)``; ``task int32[B]``
+        (one task a row) unless ``segments`` (packed rows) gives the task of every token."""
+        seg = segments if segments is not None else Segments.unpacked(src, task)
         aux = {}
         if not len(self.encoder):
-            return src, valid, aux  # decoder-only: the "encoding" is the source prefix itself
-        x = self._embed(src)
-        mask = padding_mask(valid)
+            return src, seg, aux  # decoder-only: the "encoding" is the source prefix itself
+        x = self._embed(src, seg.position)
+        mask = seg.attention_mask(seg)
         for i, block in enumerate(self.encoder):
-            kw = self._moe_kw("encoder", i, task, src.shape)
-            x, a = block(x, mask, valid=valid, train=train, rngs=rngs, moe_kw=kw)
+            kw = self._moe_kw("encoder", i, seg.task)
+            x, a = block(x, mask, valid=seg.valid, train=train, rngs=rngs, moe_kw=kw)
             if a is not None:
                 aux[f"encoder/{i}"] = a
-        return self.enc_norm(x), valid, aux
+        return self.enc_norm(x), seg, aux
 
-    def decode(self, tgt_in, enc, src_valid, task, *, train=False, rngs=None):
-        """Logits ``float32[B, Lt, V]`` for the next token at each target position, and aux."""
+    def decode(self, tgt_in, enc, src: Segments, task, *, train=False, rngs=None, segments=None):
+        """Logits ``float32[B, Lt, V]`` for the next token at each target position, and aux.
+        ``src`` is what ``encode`` returned; ``task``/``segments`` as for ``encode``."""
         aux = {}
-        tgt_valid = tgt_in != PAD_ID
+        tgt = segments if segments is not None else Segments.unpacked(tgt_in, task)
         if len(self.encoder):
-            x, valid = self._embed(tgt_in), tgt_valid
-            self_mask = causal_mask(tgt_in.shape[1]) & padding_mask(valid)
-            cross = padding_mask(src_valid)
-        else:  # prefix LM over [src; tgt]: causal, pad keys masked
-            tokens = jnp.concatenate([enc, tgt_in], axis=1)
-            valid = jnp.concatenate([src_valid, tgt_valid], axis=1)
-            x = self._embed(tokens)
-            self_mask = causal_mask(tokens.shape[1]) & padding_mask(valid)
+            seg, x = tgt, self._embed(tgt_in, tgt.position)
+            self_mask = tgt.attention_mask(tgt, causal=True)
+            cross = tgt.attention_mask(src)
+        else:  # prefix LM over [src; tgt]: causal within each example, pad keys masked
+            seg = src.prefix_of(tgt)
+            x = self._embed(jnp.concatenate([enc, tgt_in], axis=1), seg.position)
+            self_mask = seg.attention_mask(seg, causal=True)
             cross = None
         for i, block in enumerate(self.decoder):
             x, a = block(
                 x,
                 self_mask,
-                valid=valid,
+                valid=seg.valid,
                 enc=enc if cross is not None else None,
                 cross_mask=cross,
                 train=train,
                 rngs=rngs,
-                moe_kw=self._moe_kw("decoder", i, task, valid.shape),
+                moe_kw=self._moe_kw("decoder", i, seg.task),
             )
             if a is not None:
                 aux[f"decoder/{i}"] = a
@@ -261,7 +308,12 @@ class Transformer(nnx.Module):
         logits = jnp.einsum("bld,vd->blv", x.astype(jnp.float32), self.embed[...])
         return logits, aux
 
-    def __call__(self, src, tgt_in, task, *, train=False, rngs=None):
-        enc, src_valid, enc_aux = self.encode(src, task, train=train, rngs=rngs)
-        logits, dec_aux = self.decode(tgt_in, enc, src_valid, task, train=train, rngs=rngs)
+    def __call__(self, src, tgt_in, task, *, train=False, rngs=None, segments=None):
+        """``segments``: None (one example a row, tasks ``task int32[B]``) or a pair of
+        ``Segments`` (source, target) for packed rows (then ``task`` is unused)."""
+        src_seg, tgt_seg = segments if segments is not None else (None, None)
+        enc, src_seg, enc_aux = self.encode(src, task, train=train, rngs=rngs, segments=src_seg)
+        logits, dec_aux = self.decode(
+            tgt_in, enc, src_seg, task, train=train, rngs=rngs, segments=tgt_seg
+        )
         return logits, {**enc_aux, **dec_aux}

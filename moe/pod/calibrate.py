@@ -159,3 +159,27 @@ def calibrate_cpu(cache: str | Path | None = None, *, refresh: bool = False) -> 
             os.replace(tmp, path)
     variants = tuple((f["devices"], _chip(f)) for f in measured)
     return _chip(measured[0], variants)
+
+
+def matmul_rate(cache: str | Path | None = None, *, size: int = 2048, repeats: int = 7) -> float:
+    """FLOP/s of one jitted ``[size, size] @ [size, size]`` float32 matmul on one CPU device
+    (XLA uses every core of the host for it): the reference rate of ``flop_utilisation``.
+    Best of ``repeats`` calls; read from / written to the JSON file ``cache`` when given."""
+    import jax
+    import jax.numpy as jnp
+
+    path = Path(cache) if cache else None
+    if path is not None and path.is_file():
+        try:
+            return float(json.loads(path.read_text())["matmul_flops"])
+        except (ValueError, KeyError, TypeError):
+            pass  # unreadable: measure again
+    device = jax.local_devices(backend="cpu")[0]
+    x = jax.device_put(jnp.ones((size, size), jnp.float32), device)
+    rate = 2 * size**3 / _best(jax.jit(lambda a: a @ a), x, repeats=repeats)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"matmul_flops": rate, "size": size}))
+        os.replace(tmp, path)
+    return rate

@@ -31,7 +31,13 @@ def check_allowed(causal: bool, where: str) -> None:
         )
 
 
-def route(logits: jax.Array, *, capacity: int, token_mask: jax.Array | None = None) -> Routing:
+def route(
+    logits: jax.Array,
+    *,
+    capacity: int,
+    token_mask: jax.Array | None = None,
+    capacity_limit: jax.Array | None = None,
+) -> Routing:
     """Each expert takes the ``capacity`` tokens with the highest router probability.
 
     Rules (Zhou et al. 2022, §3; flaxformer ``routing.py:647-717``):
@@ -48,6 +54,8 @@ def route(logits: jax.Array, *, capacity: int, token_mask: jax.Array | None = No
       logits: float[T, E] router logits (any float dtype).
       capacity: slots per expert C, ``1 <= C <= T`` (static).
       token_mask: optional bool[T]; False tokens count in no loss or statistic.
+      capacity_limit: optional traced int ``<= capacity``: each expert keeps only its best
+        ``capacity_limit`` picks (e.g. counted from the real tokens). None: capacity.
 
     Returns:
       ``Routing``; stats: ``unpicked_fraction`` (real tokens picked by no expert; these skip the
@@ -66,6 +74,8 @@ def route(logits: jax.Array, *, capacity: int, token_mask: jax.Array | None = No
     scores = jnp.where(valid[:, None], probs, -1.0)
     _, picked = jax.lax.top_k(jax.lax.stop_gradient(scores).T, capacity)  # [E, C]
     picked_valid = valid[picked]  # [E, C]
+    if capacity_limit is not None:
+        picked_valid = picked_valid & (jnp.arange(capacity)[None, :] < capacity_limit)
     slot_token = jnp.where(picked_valid, picked, -1).astype(jnp.int32)
     gates = jnp.take_along_axis(probs.T, picked, axis=1)  # [E, C]
     slot_weight = jnp.where(picked_valid, gates, 0.0)

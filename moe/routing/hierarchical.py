@@ -45,6 +45,7 @@ def top_k(
     k_secondary: int,
     capacity: int,
     token_mask: jax.Array | None = None,
+    capacity_limit: jax.Array | None = None,
 ) -> Routing:
     """Hierarchical top-k routing to ``A * B`` experts.
 
@@ -68,6 +69,8 @@ def top_k(
       k_primary, k_secondary: experts kept at each level (static).
       capacity: slots per expert C (static), e.g. ``capacity(T, A*B, k_primary*k_secondary, cf)``.
       token_mask: optional bool[T]; False tokens are never routed and count in no loss or stat.
+      capacity_limit: optional traced int ``<= capacity``: usable slots per expert (as in
+        ``token_choice.top_k``). None: capacity.
 
     Returns:
       ``Routing`` over ``E = A * B`` experts; stats as in ``moe.routing.stats`` (confidence and
@@ -105,7 +108,9 @@ def top_k(
     )
 
     active = jnp.broadcast_to(valid[:, None], (num_tokens, k))
-    slots = fill_slots(experts, gates, active, num_experts=num_experts, capacity=capacity)
+    slots = fill_slots(
+        experts, gates, active, num_experts=num_experts, capacity=capacity, limit=capacity_limit
+    )
     dense = jax.nn.softmax(primary, axis=-1)[:, :, None] * jax.nn.softmax(secondary, axis=-1)
     return Routing(
         slot_token=slots.slot_token,

@@ -69,6 +69,7 @@ def top_k(
     key: jax.Array | None,
     train: bool,
     token_mask: jax.Array | None = None,
+    capacity_limit: jax.Array | None = None,
 ) -> Routing:
     """Noisy top-k gating (Shazeer et al. 2017, eqs. 3-5) with the CV^2 losses (eqs. 6-11).
 
@@ -93,6 +94,8 @@ def top_k(
       key: ``jax.random`` key for the noise; may be None when ``train=False``.
       train: add noise (static Python bool).
       token_mask: optional bool[T]; False tokens are never routed and count in no loss or stat.
+      capacity_limit: optional traced int ``<= capacity``: usable slots per expert (as in
+        ``token_choice.top_k``). None: capacity.
 
     Returns:
       ``Routing``; stats as in ``moe.routing.stats`` (confidence and entropy of the clean
@@ -122,7 +125,9 @@ def top_k(
     importance_cv2 = losses.importance_loss(dense_gates)
     load_cv2 = losses.load_loss(load)
     active = jnp.broadcast_to(valid[:, None], (num_tokens, k))
-    slots = fill_slots(experts, gates, active, num_experts=num_experts, capacity=capacity)
+    slots = fill_slots(
+        experts, gates, active, num_experts=num_experts, capacity=capacity, limit=capacity_limit
+    )
     return Routing(
         slot_token=slots.slot_token,
         slot_weight=slots.slot_weight,

@@ -47,8 +47,8 @@ class Routing:
         return self.slot_token.shape[1]
 
     def aux(self) -> RoutingAux:
-        """The losses and statistics, with ``capacity`` added to the stats."""
-        stats = {**self.stats, "capacity": jnp.float32(self.capacity)}
+        """The losses and statistics, with ``capacity`` (slots per expert) in the stats."""
+        stats = {"capacity": jnp.float32(self.capacity), **self.stats}  # a router's own wins
         return RoutingAux(aux_loss=self.aux_loss, z_loss=self.z_loss, stats=stats)
 
 

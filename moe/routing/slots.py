@@ -42,6 +42,7 @@ def fill_slots(
     num_experts: int,
     capacity: int,
     order: jax.Array | None = None,
+    limit: jax.Array | None = None,
 ) -> Slots:
     """Fill expert slots choice-major: every token's 1st choice, then every 2nd choice, ...
 
@@ -55,6 +56,8 @@ def fill_slots(
       order: optional int[T] permutation; tokens are processed in the order
         ``order[0], order[1], ...`` within each choice rank (batch prioritized routing).
         Default: token order.
+      limit: optional traced int ``<= capacity``: slots usable per expert (the buffer keeps
+        ``capacity`` columns; columns from ``limit`` on stay empty). None: ``capacity``.
 
     Returns:
       ``Slots``; ``slot_weight`` is differentiable with respect to ``gates``.
@@ -70,7 +73,8 @@ def fill_slots(
     flat = onehot.reshape(k * num_tokens, num_experts)  # [k*T, E]
     before = jnp.cumsum(flat, axis=0) - flat  # exclusive cumsum: choices queued earlier
     position_kt = jnp.sum(before * flat, axis=-1).reshape(k, num_tokens)  # [k, T]
-    kept_kt = active_kt & (position_kt < capacity)
+    usable = capacity if limit is None else jnp.minimum(limit, capacity)
+    kept_kt = active_kt & (position_kt < usable)
     # Dropped or inactive choices get an out-of-range slot index and vanish in the scatter.
     slot_kt = jnp.where(kept_kt, position_kt, capacity)
     tokens_kt = jnp.broadcast_to(tokens[None, :], (k, num_tokens)).astype(jnp.int32)

@@ -79,6 +79,7 @@ def top_k(
     batch_priority: bool = False,
     key: jax.Array | None = None,
     token_mask: jax.Array | None = None,
+    capacity_limit: jax.Array | None = None,
 ) -> Routing:
     """Route each token to its top-``k`` experts under a per-expert capacity.
 
@@ -112,6 +113,9 @@ def top_k(
       key: ``jax.random`` key, needed by the random policy.
       token_mask: optional bool[T]; False tokens (padding) are never routed and count in no loss
         or statistic.
+      capacity_limit: optional traced int, the slots per expert actually usable (``<=
+        capacity``), e.g. counted from the real tokens of the group (``moe.layers.moe``); slots
+        past it stay empty and the choices that would fill them are dropped. None: capacity.
 
     Returns:
       ``Routing`` with slot_token int32[E, C], slot_weight float32[E, C] (differentiable), the
@@ -137,7 +141,13 @@ def top_k(
         priority = jnp.where(valid, top_probs[:, 0], -jnp.inf)
         order = jnp.argsort(-priority, stable=True)  # padding last; ties in token order
     slots = fill_slots(
-        experts, gates, active, num_experts=num_experts, capacity=capacity, order=order
+        experts,
+        gates,
+        active,
+        num_experts=num_experts,
+        capacity=capacity,
+        order=order,
+        limit=capacity_limit,
     )
     fraction = stats.expert_fraction(experts, valid, num_experts)
     later_valid = jnp.sum(valid) * (k - 1)

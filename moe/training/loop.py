@@ -8,18 +8,24 @@ Only the primary process writes files other than its checkpoint shards.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
 import sys
 import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from moe import config as cfg
 from moe import runfiles as rf
 from moe.data.pipeline import RunData, prepare
+from moe.data.prefetch import Prefetcher
 from moe.errors import UserError
+from moe.pod.calibrate import matmul_rate
+from moe.pod.hlo import program_cost
 from moe.training import build
 from moe.training import state as state_lib
 from moe.training.checkpoint import Checkpointer
@@ -62,107 +68,117 @@ def train(exp: cfg.Experiment, run_dir: Path, *, progress: bool = True) -> rf.Tr
     returns the train summary (also ``train_summary.json``)."""
     primary = jax.process_index() == 0
     say = functools.partial(print, file=sys.stderr) if primary else (lambda *a, **k: None)
+    clock = _Clock()
     _prepare_run_dir(exp, run_dir, primary)
 
-    # --- Input pipeline -----------------------------------------------------------------------
-    data = prepare(exp, say=say)
+    # --- Input pipeline (the primary first measures this host's matmul rate, once: the other
+    # processes wait for it to build the data anyway) ---------------------------------------------
+    cache = Path(exp.data.cache_dir)
+    host_rate = matmul_rate(cache / "matmul_rate.json") if primary else None
+    with clock("data"):
+        data = prepare(exp, say=say)
 
-    # --- Mesh, model and state (parameters born sharded) -----------------------------------------
-    placement = Placement.for_experiment(exp)
-    state = placement.init_state()
+    # --- Mesh, model and state (parameters born sharded); restore ------------------------------
+    with clock("init"):
+        placement = Placement.for_experiment(exp)
+        state = placement.init_state()
+        ckpt = Checkpointer(run_dir / "checkpoints", keep=exp.checkpoint.keep)
+        latest = ckpt.latest_step()
+        examples_seen = np.zeros(len(data.tasks), np.int64)
+        if latest is not None:
+            state, meta = ckpt.restore(latest, placement.abstract_state)
+            examples_seen += np.asarray(meta.get("examples_seen", 0), np.int64)
     say(
         f"moe: {exp.name}: {state_lib.num_params(state.params) / 1e6:.2f}M parameters, "
         f"{len(data.tasks)} tasks, mesh {dict(placement.mesh.shape)}, "
-        f"{jax.process_count()} process(es)"
+        f"{jax.process_count()} process(es)" + (f"; resuming from step {latest}" if latest else "")
     )
-
-    # --- Restore -------------------------------------------------------------------------------
-    ckpt = Checkpointer(run_dir / "checkpoints", keep=exp.checkpoint.keep)
-    latest = ckpt.latest_step()
-    examples_seen = np.zeros(len(data.tasks), np.int64)
-    if latest is not None:
-        state, meta = ckpt.restore(latest, placement.abstract_state)
-        examples_seen += np.asarray(meta.get("examples_seen", 0), np.int64)
-        say(f"moe: resuming from step {latest}")
     start = int(jax.device_get(state.step))
 
     # --- Update step ---------------------------------------------------------------------------
     step_fn = placement.jit_train_step(
         make_train_step(exp, placement.graphdef, placement.optimizer, len(data.tasks))
     )
+    add = jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b))  # metrics summed on device
     key = jax.random.key(exp.train.seed)
     evaluator = Evaluator(exp, data, placement)
 
-    # --- Loop ----------------------------------------------------------------------------------
+    # --- Loop: host batches made ahead in a thread; metrics stay on device between logs --------
     log = MetricsLog(run_dir, data.task_names, enabled=primary, start_step=start)
     bar = _progress(exp.train.steps, start, progress and primary)
-    t0, tokens_seen, timed_steps, timed_s = time.time(), 0, 0, 0.0
-    last_step_t = time.time()
-    for step in range(start, exp.train.steps):
-        host = host_batch(data, step)
-        batch = placement.batch(host)
-        state, metrics = step_fn(state, batch, key)
-        tokens = int((host["tgt_out"] != 0).sum()) * jax.process_count()
-        # The global batch's tasks: the same on every process (each feeds only its rows).
-        examples_seen += np.bincount(data.batcher.plan(step)[0], minlength=len(data.tasks))
-        tokens_seen += tokens
-        done = step + 1
-        if done % exp.train.log_every == 0 or done == exp.train.steps:
-            m = jax.device_get(metrics)  # waits for the step: timing below is real
-            now = time.time()
-            if done - start > exp.train.log_every:  # the first window includes compilation
-                timed_steps += exp.train.log_every
-                timed_s += now - last_step_t
-            rate = tokens_seen / max(now - t0, 1e-9)
-            log.train(
-                done,
-                m,
-                lr=float(build.learning_rate(exp)(done)),
-                tokens_per_second=rate,
-                step_time_ms=1000 * (now - last_step_t) / exp.train.log_every,
-            )
-            last_step_t = now
-            bar.set_postfix(loss=f"{float(m['loss']):.3f}", tok_s=f"{rate:,.0f}")
-            if isinstance(bar, _NoBar) and done % _every_tenth(exp) == 0:
-                say(
-                    f"moe: step {done}/{exp.train.steps} loss {float(m['loss']):.3f} "
-                    f"{rate:,.0f} tokens/s"
+    window, totals, acc, summed = _Window(), _Totals(), None, 0
+    batches = Prefetcher(lambda s: _host_step(data, s), start, exp.train.steps)
+    try:
+        for step, (host, counts) in batches:
+            state, metrics = step_fn(state, placement.batch(host), key)
+            acc, summed = (metrics if acc is None else add(acc, metrics)), summed + 1
+            examples_seen += counts.examples
+            totals.add(counts)
+            window.add(counts)
+            done = step + 1
+            if step == start:  # the first step compiles: time it apart, start the clock after
+                jax.block_until_ready(state)
+                clock.add("compile", window.restart())
+            if done % exp.train.log_every == 0 or done == exp.train.steps:
+                m = jax.device_get(acc)  # waits for the window's steps: the timing is real
+                seconds, steps, tokens = window.close()
+                totals.time(seconds, steps)
+                log.train(
+                    done,
+                    m,
+                    steps=summed,
+                    lr=float(build.learning_rate(exp)(done)),
+                    tokens_per_second=tokens / seconds if steps else None,
+                    step_time_ms=1000 * seconds / steps if steps else None,
                 )
-            if int(jax.device_get(state.bad_steps)) > exp.train.max_bad_steps:
-                raise RunError(
-                    f"loss or gradients non-finite for {exp.train.max_bad_steps}+ consecutive "
-                    f"steps at step {done}; the last good checkpoint is kept in "
-                    f"{run_dir / 'checkpoints'} (lower train.learning_rate?)"
-                )
-        bar.update(1)
-        if exp.eval.every and done % exp.eval.every == 0 and done < exp.train.steps:
-            result, _ = evaluator.perplexities(state.params, "valid")
-            log.eval(done, result, "valid")
-        if exp.checkpoint.every and done % exp.checkpoint.every == 0:
-            ckpt.save(done, state, {"examples_seen": examples_seen.tolist()})
+                loss = float(m["loss"]) / summed
+                acc, summed = None, 0
+                rate = totals.tokens_per_second()
+                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rate or 0:,.0f}")
+                if isinstance(bar, _NoBar) and done % _every_tenth(exp) == 0:
+                    say(
+                        f"moe: step {done}/{exp.train.steps} loss {loss:.3f} {rate or 0:,.0f} tok/s"
+                    )
+                if int(jax.device_get(state.bad_steps)) > exp.train.max_bad_steps:
+                    raise RunError(
+                        f"loss or gradients non-finite for {exp.train.max_bad_steps}+ "
+                        f"consecutive steps at step {done}; the last good checkpoint is kept in "
+                        f"{run_dir / 'checkpoints'} (lower train.learning_rate?)"
+                    )
+            bar.update(1)
+            if exp.eval.every and done % exp.eval.every == 0 and done < exp.train.steps:
+                with clock("eval"), window.paused(state):
+                    result, _ = evaluator.perplexities(state.params, "valid")
+                    log.eval(done, result, "valid")
+            if exp.checkpoint.every and done % exp.checkpoint.every == 0:
+                with clock("checkpoint"), window.paused(state):
+                    ckpt.save(done, state, {"examples_seen": examples_seen.tolist()})
+    finally:
+        batches.close()
     bar.close()
+    clock.add("train", totals.seconds)
     if ckpt.latest_step() != exp.train.steps:
-        ckpt.save(exp.train.steps, state, {"examples_seen": examples_seen.tolist()})
-    wall = time.time() - t0
+        with clock("checkpoint"):
+            ckpt.save(exp.train.steps, state, {"examples_seen": examples_seen.tolist()})
 
     # --- Summary and final evaluation ----------------------------------------------------------
     compiled = step_fn.lower(state, placement.batch(host_batch(data, 0)), key).compile()
-    measured = 1000 * timed_s / timed_steps if timed_steps else None
     summary = rf.TrainSummary(
         steps=exp.train.steps,
         resumed_from=latest,
-        wall_time_s=wall,
-        tokens_per_second=tokens_seen / max(wall, 1e-9),
-        step_time_ms=measured,
+        wall_time_s=clock.since_start(),
         skipped_steps=int(jax.device_get(state.skipped)),
         examples_seen=dict(zip(data.task_names, examples_seen.tolist())),
         data=data.stats,
-        pod=rf.PodSummary(**pod_summary(exp, placement, compiled, measured)),
+        pod=rf.PodSummary(**pod_summary(exp, placement, compiled, totals.step_ms())),
+        **totals.summary(compiled, host_rate),
     )
+    with clock("final_eval"):
+        result = evaluator.full(run_dir, state.params, exp.eval.split, exp.train.steps)
+        log.eval(exp.train.steps, result.tasks, exp.eval.split)
+    summary.timing = clock.timing()
     if primary:
         rf.write_json(run_dir / "train_summary.json", summary)
-    result = evaluator.full(run_dir, state.params, exp.eval.split, exp.train.steps)
-    log.eval(exp.train.steps, result.tasks, exp.eval.split)
     log.close()
     ckpt.close()
     return summary
@@ -171,6 +187,129 @@ def train(exp: cfg.Experiment, run_dir: Path, *, progress: bool = True) -> rf.Tr
 def host_batch(data: RunData, step: int) -> dict[str, np.ndarray]:
     """This process's rows of the global batch of ``step``."""
     return data.batcher.process_batch(step, jax.process_index(), jax.process_count())
+
+
+@dataclasses.dataclass(frozen=True)
+class _Counts:
+    """What one global batch holds (from its plan, the same on every process)."""
+
+    examples: np.ndarray  # [tasks]
+    target_tokens: int
+    source_tokens: int
+    positions: int  # source and target positions of the batch
+
+
+def _host_step(data: RunData, step: int) -> tuple[dict[str, np.ndarray], _Counts]:
+    plan = data.batcher.plan(step)
+    ls, lt = data.batcher.widths
+    counts = _Counts(
+        np.bincount(plan.task, minlength=len(data.tasks)),
+        int(plan.tgt_len.sum()),
+        int(plan.src_len.sum()),
+        data.batcher.batch_size * (ls + lt),
+    )
+    return host_batch(data, step), counts
+
+
+class _Window:
+    """Steps, tokens and seconds since the last log line, evaluation and checkpoints excluded."""
+
+    def __init__(self):
+        self.start, self.paused_s, self.steps, self.tokens = time.perf_counter(), 0.0, 0, 0
+
+    def add(self, counts: _Counts) -> None:
+        self.steps += 1
+        self.tokens += counts.target_tokens
+
+    def restart(self) -> float:
+        """Forget the steps so far (the compiling one); returns its seconds."""
+        seconds = time.perf_counter() - self.start
+        self.__init__()
+        return seconds
+
+    def close(self) -> tuple[float, int, int]:
+        """(seconds, steps, target tokens) of the window, and start the next one."""
+        out = (time.perf_counter() - self.start - self.paused_s, self.steps, self.tokens)
+        self.__init__()
+        return out
+
+    @contextlib.contextmanager
+    def paused(self, state):
+        jax.block_until_ready(state)  # the steps before the pause belong to the window
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.paused_s += time.perf_counter() - t0
+
+
+class _Totals:
+    """Steady-state figures of the run: timed steps, tokens, examples, padding."""
+
+    def __init__(self):
+        self.seconds, self.timed_steps, self.steps = 0.0, 0, 0
+        self.examples = self.target = self.source = self.positions = 0
+
+    def add(self, counts: _Counts) -> None:
+        self.steps += 1
+        self.examples += int(counts.examples.sum())
+        self.target += counts.target_tokens
+        self.source += counts.source_tokens
+        self.positions += counts.positions
+
+    def time(self, seconds: float, steps: int) -> None:
+        if steps:
+            self.seconds += seconds
+            self.timed_steps += steps
+
+    def step_ms(self) -> float | None:
+        return 1000 * self.seconds / self.timed_steps if self.timed_steps else None
+
+    def tokens_per_second(self) -> float | None:
+        ms = self.step_ms()
+        return self.target / self.steps / (ms / 1000) if ms and self.steps else None
+
+    def summary(self, compiled, host_rate: float | None) -> dict:
+        flops = program_cost(compiled).flops * jax.device_count()  # per device x devices
+        ms = self.step_ms()
+        return {
+            "tokens_per_second": self.tokens_per_second(),
+            "step_time_ms": ms,
+            "examples_per_step": self.examples / self.steps if self.steps else None,
+            "target_tokens_per_step": self.target / self.steps if self.steps else None,
+            "padding_fraction": 1 - (self.source + self.target) / self.positions
+            if self.positions
+            else None,
+            "model_flops_per_step": flops,
+            "host_matmul_flops": host_rate,
+            "flop_utilisation": flops / (ms / 1000) / host_rate if ms and host_rate else None,
+        }
+
+
+class _Clock:
+    """Seconds per phase (``with clock("eval"): ...``)."""
+
+    def __init__(self):
+        self.t0, self.phases = time.perf_counter(), {}
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str):
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(phase, time.perf_counter() - t)
+
+    def add(self, phase: str, seconds: float) -> None:
+        self.phases[phase] = self.phases.get(phase, 0.0) + seconds
+
+    def since_start(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def timing(self) -> rf.Timing:
+        return rf.Timing(
+            **{f"{k}_s": v for k, v in self.phases.items()}, total_s=self.since_start()
+        )
 
 
 def evaluate_checkpoint(run_dir: Path, *, step=None, split=None) -> rf.EvalSummary:

@@ -63,16 +63,19 @@ class MetricsLog:
         with self.path.open("a", encoding="utf-8") as f:
             f.write(line.model_dump_json() + "\n")
 
-    def train(self, step: int, m: dict[str, Any], **extra: float) -> None:
+    def train(self, step: int, m: dict[str, Any], steps: int = 1, **extra: float) -> None:
+        """Log the metrics of a window: ``m`` holds their sums over ``steps`` steps (per-task
+        NLL and tokens stay sums; everything else is logged as the window's mean)."""
         if not self.enabled:
             return
+        m = {k: v if k in ("task_nll", "task_tokens") else _mean(v, steps) for k, v in m.items()}
         tasks = {}
         for i, name in enumerate(self.task_names):
             n = float(m["task_tokens"][i])
             if n > 0:
                 tasks[name] = rf.TaskLoss(loss=float(m["task_nll"][i]) / n, tokens=n)
         scalars = {k: float(m[k]) for k in ("loss", "ce", "aux_loss", "z_loss", "grad_norm")}
-        scalars.update({k: float(v) for k, v in extra.items()})
+        scalars.update({k: float(v) for k, v in extra.items() if v is not None})
         line = rf.TrainLine(
             step=step,
             time=time.time(),
@@ -108,6 +111,12 @@ class MetricsLog:
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+
+
+def _mean(value: Any, steps: int) -> Any:
+    if isinstance(value, dict):
+        return {k: _mean(v, steps) for k, v in value.items()}
+    return np.asarray(value, np.float64) / steps
 
 
 def _step(line: str) -> int | None:

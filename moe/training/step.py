@@ -1,8 +1,10 @@
 """train_step / eval_step: pure functions of (state, batch, key), jitted by the loop.
 
-A batch is a dict of int32 arrays: ``src [B, Ls]``, ``tgt_in [B, Lt]``, ``tgt_out [B, Lt]``
-(0 = padding) and ``task [B]``. The loss is token-level cross-entropy over the non-pad targets
-plus the MoE layers' aux and z losses with their configured weights.
+A batch is a dict of int32 arrays (``moe.data.packing.BATCH_KEYS``): ``src [B, Ls]``,
+``tgt_in [B, Lt]``, ``tgt_out [B, Lt]`` (0 = padding) and, per token, the segment (example),
+position and task ids of packed rows (``src_segment``, ... ``tgt_task``); or, one example a row,
+``task [B]`` instead of the per-token ids. The loss is token-level cross-entropy over the
+non-pad targets plus the MoE layers' aux and z losses with their configured weights.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import optax
 from flax import nnx
 
 from moe.config import Experiment
+from moe.layers.transformer import Segments
 from moe.training.state import TrainState
 
 
@@ -27,10 +30,30 @@ class LossWeights:
     z: float
 
 
+def segments(batch) -> tuple[Segments, Segments] | None:
+    """The (source, target) ``Segments`` of a packed batch; None for one example a row."""
+    if "src_segment" not in batch:
+        return None
+    return tuple(
+        Segments(batch[f"{side}_segment"], batch[f"{side}_position"], batch[f"{side}_task"])
+        for side in ("src", "tgt")
+    )
+
+
+def target_task(batch) -> jax.Array:
+    """int32[B, Lt]: the task of every target position."""
+    if "tgt_task" in batch:
+        return batch["tgt_task"]
+    return jnp.broadcast_to(batch["task"][:, None], batch["tgt_out"].shape)
+
+
 def _forward(graphdef, params, batch, key, *, train: bool):
     model = nnx.merge(graphdef, params)
     rngs = nnx.Rngs(dropout=jax.random.fold_in(key, 0), router=jax.random.fold_in(key, 1))
-    return model(batch["src"], batch["tgt_in"], batch["task"], train=train, rngs=rngs)
+    return model(
+        batch["src"], batch["tgt_in"], batch.get("task"), train=train, rngs=rngs,
+        segments=segments(batch),
+    )  # fmt: skip
 
 
 def token_nll(logits, targets):
@@ -41,8 +64,8 @@ def token_nll(logits, targets):
     return jnp.where(mask, nll, 0.0), mask
 
 
-def _per_task(values_b, task_b, num_tasks):
-    return jax.ops.segment_sum(values_b, task_b, num_segments=num_tasks)
+def _per_task(values, task, num_tasks):
+    return jax.ops.segment_sum(values.reshape(-1), task.reshape(-1), num_segments=num_tasks)
 
 
 def loss_and_metrics(params, graphdef, batch, key, weights: LossWeights, num_tasks: int, train):
@@ -58,8 +81,8 @@ def loss_and_metrics(params, graphdef, batch, key, weights: LossWeights, num_tas
         "ce": ce,
         "aux_loss": aux_loss,
         "z_loss": z_loss,
-        "task_nll": _per_task(nll.sum(-1), batch["task"], num_tasks),
-        "task_tokens": _per_task(mask.sum(-1).astype(jnp.float32), batch["task"], num_tasks),
+        "task_nll": _per_task(nll, target_task(batch), num_tasks),
+        "task_tokens": _per_task(mask.astype(jnp.float32), target_task(batch), num_tasks),
         "moe": {
             name: {"aux_loss": a.aux_loss, "z_loss": a.z_loss, **a.stats} for name, a in aux.items()
         },
@@ -110,7 +133,7 @@ def train_step(
         bad_steps=jnp.where(finite, 0, state.bad_steps + 1),
         skipped=state.skipped + (~finite).astype(jnp.int32),
     )
-    metrics = {**metrics, "grad_norm": grad_norm, "finite": finite}
+    metrics = {**metrics, "grad_norm": grad_norm, "finite": finite.astype(jnp.float32)}
     return new_state, metrics
 
 
