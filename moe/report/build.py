@@ -130,6 +130,11 @@ def _train_section(run: RunFiles) -> rf.ReportTrain:
         tokens_per_second=ts.tokens_per_second or last.tokens_per_second,
         step_time_ms=ts.step_time_ms or last.step_time_ms,
         skipped_steps=ts.skipped_steps,
+        examples_per_step=ts.examples_per_step,
+        padding_fraction=ts.padding_fraction,
+        model_flops_per_step=ts.model_flops_per_step,
+        flop_utilisation=ts.flop_utilisation,
+        timing=ts.timing,
         final_loss=last.loss,
         examples_seen=ts.examples_seen or None,
     )

@@ -80,13 +80,20 @@ def _training(report: rf.Report) -> list[str]:
     rows = [
         ["steps", fmt(train.steps)],
         ["wall time (s)", fmt(train.wall_time_s, 1)],
-        ["tokens / s", fmt(train.tokens_per_second, 0)],
-        ["step time (ms)", fmt(train.step_time_ms, 1)],
+        ["target tokens / s (steady state)", fmt(train.tokens_per_second, 0)],
+        ["step time (ms, steady state)", fmt(train.step_time_ms, 1)],
+        ["examples / step", fmt(train.examples_per_step, 1)],
+        ["padding (share of positions)", fmt(train.padding_fraction, 3)],
+        ["model FLOPs / step (all devices)", _sci(train.model_flops_per_step)],
+        ["FLOP utilisation (of the host's matmul rate)", fmt(train.flop_utilisation, 3)],
         ["final training loss", fmt(train.final_loss, 3)],
     ]
     if train.skipped_steps is not None:
         rows.append(["skipped steps (non-finite)", fmt(train.skipped_steps)])
     lines = ["## Training", "", *table(["", "value"], rows), ""]
+    phases = [(k.removesuffix("_s"), v) for k, v in train.timing.model_dump().items() if v]
+    if phases:
+        lines += ["Where the time went (s): " + ", ".join(f"{k} {v:,.1f}" for k, v in phases), ""]
     lines += _plot(report, "loss", "Training loss per task")
     lines += _plot(report, "throughput", "Throughput and step time")
     if report.data:
@@ -96,6 +103,10 @@ def _training(report: rf.Report) -> list[str]:
     else:
         lines += ["Data counts: n/a (no train_summary.json).", ""]
     return lines
+
+
+def _sci(x: float | None) -> str:
+    return NA if x is None else f"{x:.3e}"
 
 
 def _experts(report: rf.Report) -> list[str]:

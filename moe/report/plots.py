@@ -123,7 +123,8 @@ def routing_curves(train: Sequence[TrainLine], layers: Sequence[str], path: Path
 
 
 def throughput(train: Sequence[TrainLine], path: Path) -> bool:
-    """Tokens per second and step time (ms) against step."""
+    """Tokens per second and step time (ms) of each logging window, steady state: the window
+    of the compiling step and the time of evaluations and checkpoints are left out."""
     fig, axes = new_figure(ncols=2)
     drawn = 0
     for ax, key, label in (

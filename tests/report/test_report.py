@@ -88,6 +88,11 @@ def _write_run(path, *, tasks=("en-de", "wiki"), kinds=("translate", "lm"), moe=
         "tokens_per_second": 1003.0,
         "step_time_ms": 47.5,
         "skipped_steps": 0,
+        "examples_per_step": 2.5,
+        "padding_fraction": 0.07,
+        "model_flops_per_step": 1.2e10,
+        "flop_utilisation": 0.31,
+        "timing": {"data_s": 3.0, "compile_s": 2.0, "train_s": 6.0, "final_eval_s": 1.0},
         "examples_seen": {t: 100 + i for i, t in enumerate(tasks)},
         "pod": {
             "slice": "2x2",
@@ -156,6 +161,8 @@ def test_markdown_has_the_per_task_table_pod_and_examples(tmp_path):
     assert "![Training loss per task](loss.png)" in md
     assert "expert_usage.png" in md and "routing.png" in md and "throughput.png" in md
     assert "| measured / projected | 95.0 |" in md
+    assert "| padding (share of positions) | 0.070 |" in md and "| FLOP utilisation" in md
+    assert "Where the time went (s): data 3.0, compile 2.0, train 6.0, final_eval 1.0" in md
     assert "| all_to_all_ms | 0.200 |" in md
     assert "Hallo \\| Welt" in md  # pipes in decoded text cannot break the markdown
     assert "n/a" not in md.split("## Decoded examples")[0].split("## Pod")[0]
