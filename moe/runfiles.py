@@ -107,6 +107,9 @@ class TrainSummary(RunFile):
     flop_utilisation: Number = Field(
         None, description="model_flops_per_step / step time / host_matmul_flops."
     )
+    load_average: Number = Field(
+        None, description="The host's 1-minute load average when training ended (others' work)."
+    )
     timing: Timing = Field(default_factory=Timing)
     examples_seen: dict[str, int] = Field(
         default_factory=dict, description="Training examples per task, all processes together."
@@ -215,6 +218,7 @@ class ReportTrain(RunFile):
     padding_fraction: Number = None
     model_flops_per_step: Number = None
     flop_utilisation: Number = None
+    load_average: Number = None
     timing: Timing = Field(default_factory=Timing)
     final_loss: Number = None
     examples_seen: dict[str, int] | None = None

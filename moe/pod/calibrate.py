@@ -180,6 +180,7 @@ def matmul_rate(cache: str | Path | None = None, *, size: int = 2048, repeats: i
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"matmul_flops": rate, "size": size}))
+        load = os.getloadavg()[0]  # a busy host measures low: keep the load with the figure
+        tmp.write_text(json.dumps({"matmul_flops": rate, "size": size, "load_average": load}))
         os.replace(tmp, path)
     return rate

@@ -134,6 +134,7 @@ def _train_section(run: RunFiles) -> rf.ReportTrain:
         padding_fraction=ts.padding_fraction,
         model_flops_per_step=ts.model_flops_per_step,
         flop_utilisation=ts.flop_utilisation,
+        load_average=ts.load_average,
         timing=ts.timing,
         final_loss=last.loss,
         examples_seen=ts.examples_seen or None,

@@ -86,6 +86,7 @@ def _training(report: rf.Report) -> list[str]:
         ["padding (share of positions)", fmt(train.padding_fraction, 3)],
         ["model FLOPs / step (all devices)", _sci(train.model_flops_per_step)],
         ["FLOP utilisation (of the host's matmul rate)", fmt(train.flop_utilisation, 3)],
+        ["host load average (1 min, at the end)", fmt(train.load_average, 1)],
         ["final training loss", fmt(train.final_loss, 3)],
     ]
     if train.skipped_steps is not None:

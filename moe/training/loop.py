@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import os
 import sys
 import time
 from pathlib import Path
@@ -283,6 +284,7 @@ class _Totals:
             "model_flops_per_step": flops,
             "host_matmul_flops": host_rate,
             "flop_utilisation": flops / (ms / 1000) / host_rate if ms and host_rate else None,
+            "load_average": os.getloadavg()[0],
         }
 
 
