@@ -92,6 +92,7 @@ def _write_run(path, *, tasks=("en-de", "wiki"), kinds=("translate", "lm"), moe=
         "padding_fraction": 0.07,
         "model_flops_per_step": 1.2e10,
         "flop_utilisation": 0.31,
+        "load_average": 1.5,
         "timing": {"data_s": 3.0, "compile_s": 2.0, "train_s": 6.0, "final_eval_s": 1.0},
         "examples_seen": {t: 100 + i for i, t in enumerate(tasks)},
         "pod": {
