@@ -15,6 +15,13 @@ from pathlib import Path
 from moe.errors import UserError
 
 EXIT_USER_ERROR = 2
+# tcmalloc, preloaded when installed (scripts/_venv.sh installs Debian's libtcmalloc-minimal4):
+# glibc's malloc gives XLA's freed buffers back to the kernel, and every step then page-faults
+# them in again (~50k faults a step; 12-47% of the step time, docs/results.md).
+TCMALLOC = (
+    "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4",
+    "/usr/lib64/libtcmalloc_minimal.so.4",
+)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -127,7 +134,23 @@ def _pathway_parsers(sub) -> None:
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def _preload_tcmalloc(argv: list[str]) -> None:
+    """Re-run this command with tcmalloc preloaded (LD_PRELOAD only works from the start of a
+    process), once; nothing when it is not installed, already preloaded, or MOE_NO_TCMALLOC is
+    set. mpirun passes the environment on, so the ranks of a launched job get it too."""
+    env = os.environ
+    lib = next((p for p in TCMALLOC if os.path.exists(p)), None)
+    if lib is None or env.get("MOE_NO_TCMALLOC") or "tcmalloc" in env.get("LD_PRELOAD", ""):
+        return
+    preload = ":".join(filter(None, [lib, env.get("LD_PRELOAD")]))
+    os.execve(
+        sys.executable, [sys.executable, "-m", "moe.cli", *argv], {**env, "LD_PRELOAD": preload}
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:  # the program itself (not a call from Python): a faster allocator first
+        _preload_tcmalloc(sys.argv[1:])
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = _parser()
     args, extra = parser.parse_known_args(argv)

@@ -56,6 +56,9 @@ def initialize(expected_processes: int, *, heartbeat_timeout_s: int = HEARTBEAT_
     if expected_processes <= 1:
         return
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # Synchronous dispatch: with gloo every collective already hands work between threads, and
+    # async dispatch adds more of those hand-offs on 2 cores (-23% step time, docs/results.md).
+    jax.config.update("jax_cpu_enable_async_dispatch", False)
     jax.distributed.initialize(
         cluster_detection_method="mpi4py",
         heartbeat_timeout_seconds=heartbeat_timeout_s,
