@@ -222,6 +222,9 @@ class TrainConfig(Section):
     weight_decay: float = Field(0.0, ge=0.0, description="Decoupled weight decay (adamw).")
     grad_clip: float = Field(1.0, ge=0.0, description="Global-norm clip; 0 = off.")
     grad_accum: int = Field(1, ge=1, description="Micro-batches accumulated per step.")
+    label_smoothing: float = Field(
+        0.0, ge=0.0, lt=1.0, description="Label smoothing of the training loss (0.1 is usual)."
+    )
     seed: int = Field(0, description="Seed for init, data order and dropout.")
     precision: Literal["float32", "bfloat16"] = Field(
         "float32", description="Compute dtype (router and losses stay float32)."
@@ -241,6 +244,9 @@ class EvalConfig(Section):
     beam_size: int = Field(1, ge=1, description="1 = greedy decoding.")
     length_penalty: float = Field(0.6, ge=0.0, description="GNMT length penalty alpha.")
     max_decode_length: int = Field(48, gt=1, description="Longest decoded target.")
+    no_repeat_ngram: int = Field(
+        0, ge=0, description="Never repeat an n-gram of this size within a decoded line (0 = off)."
+    )
 
 
 class CheckpointConfig(Section):

@@ -134,6 +134,8 @@ class TaskEval(RunFile):
     tokens: Number = None
     bleu: Number = None
     bleu_signature: str | None = None
+    empty_fraction: Number = None  # of the decoded lines
+    looping_fraction: Number = None  # lines with a word three times in a row
     hypotheses: str | None = None  # path relative to the run directory
     references: str | None = None
     examples: list[DecodedExample] = Field(default_factory=list)
@@ -202,6 +204,8 @@ class ReportTask(RunFile):
     first_perplexity: Number = None
     bleu: Number = None
     bleu_signature: str | None = None
+    empty_fraction: Number = None
+    looping_fraction: Number = None
     hypotheses: str | None = None
     references: str | None = None
     examples_seen: Count = None

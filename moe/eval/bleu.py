@@ -1,5 +1,5 @@
-"""Corpus BLEU through sacrebleu (with its signature), and the decoded outputs written to files
-so anyone can recompute the score."""
+"""Corpus BLEU through sacrebleu (with its signature), degenerate outputs (empty, looping), and
+the decoded outputs written to files so anyone can recompute the score."""
 
 from __future__ import annotations
 
@@ -39,3 +39,16 @@ def write_decodes(
     for path, lines in zip(paths, (hyps, refs)):
         path.write_text("".join(_one_line(s) + "\n" for s in lines), encoding="utf-8")
     return paths
+
+
+def loops(text: str, times: int = 3) -> bool:
+    """Whether a line repeats one word ``times`` times in a row ("ist ist ist")."""
+    words = text.split()
+    return any(len(set(words[i : i + times])) == 1 for i in range(len(words) - times + 1))
+
+
+def degenerate_fractions(hypotheses: Sequence[str]) -> tuple[float, float]:
+    """(empty, looping) shares of the decoded lines."""
+    n = max(len(hypotheses), 1)
+    empty = sum(not h.strip() for h in hypotheses) / n
+    return empty, sum(loops(h) for h in hypotheses) / n

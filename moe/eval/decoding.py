@@ -25,18 +25,41 @@ import jax.numpy as jnp
 EncodeFn = Callable[[jax.Array], Any]
 DecodeFn = Callable[[Any, jax.Array], jax.Array]
 
-_DECODE_STATIC = ("encode_fn", "decode_fn", "max_len", "bos_id", "eos_id", "pad_id")
+_DECODE_STATIC = (
+    "encode_fn", "decode_fn", "max_len", "bos_id", "eos_id", "pad_id", "no_repeat_ngram"
+)  # fmt: skip
 
 
 # Greedy decoding
 
 
-def _next_logits(decode_fn: DecodeFn, enc: Any, buf: jax.Array, t: jax.Array, max_len: int):
+def _next_logits(
+    decode_fn: DecodeFn, enc: Any, buf: jax.Array, t: jax.Array, max_len: int, ngram: int = 0
+):
     """float32 log-probabilities ``[N, V]`` of the token after position ``t`` of the prefix
-    ``buf[:, :max_len]``."""
+    ``buf[:, :max_len]``; with ``ngram`` > 0, tokens that would repeat an n-gram are -inf."""
     logits = decode_fn(enc, buf[:, :max_len])  # [N, max_len, V]
     step = jax.lax.dynamic_index_in_dim(logits, t, axis=1, keepdims=False)  # [N, V]
-    return jax.nn.log_softmax(step.astype(jnp.float32), axis=-1)
+    logp = jax.nn.log_softmax(step.astype(jnp.float32), axis=-1)
+    return jnp.where(repeated_ngram_tokens(buf, t, ngram, logp.shape[-1]), -jnp.inf, logp)
+
+
+def repeated_ngram_tokens(buf: jax.Array, t: jax.Array, n: int, vocab: int) -> jax.Array:
+    """bool[N, V]: the tokens that, written at ``buf[:, t + 1]``, would complete an n-gram that
+    already occurs in ``buf[:, 1 : t + 1]`` (fairseq's ``no_repeat_ngram_size``; ``buf[:, 0]``
+    is bos and takes part in none). All False for ``n`` = 0, or before ``n - 1`` tokens."""
+    rows, width = buf.shape
+    if n <= 0:
+        return jnp.zeros((rows, vocab), bool)
+    j = jnp.arange(width)  # start of an earlier n-gram: buf[:, j : j + n]
+    match = (j >= 1) & (j + n - 1 <= t)  # [W]: it is complete before the new token
+    for k in range(n - 1):  # its first n - 1 tokens equal the last n - 1 ones
+        last = jax.lax.dynamic_index_in_dim(buf, t - n + 2 + k, axis=1, keepdims=False)  # [N]
+        earlier = jnp.roll(buf, -k, axis=1)  # [N, W]: buf[:, j + k]
+        match = match & (earlier == last[:, None])
+    banned = jnp.roll(buf, -(n - 1), axis=1)  # [N, W]: the token that followed: buf[:, j + n - 1]
+    out = jnp.zeros((rows, vocab), bool)
+    return out.at[jnp.arange(rows)[:, None], banned].max(match & (t >= n - 1))
 
 
 @functools.partial(jax.jit, static_argnames=_DECODE_STATIC)
@@ -49,8 +72,10 @@ def greedy_decode(
     bos_id: int,
     eos_id: int,
     pad_id: int = 0,
+    no_repeat_ngram: int = 0,
 ) -> jax.Array:
     """Arg-max decoding: ``int32[B, max_len]``; a row stops at ``eos_id`` (then ``pad_id``).
+    ``no_repeat_ngram`` = n > 0 never repeats an n-gram within a row (fairseq's option).
 
     ``encode_fn`` and ``decode_fn`` are static jit arguments: pass the same function objects to
     reuse the compiled program, or call this inside your own ``jax.jit`` (arrays they close over
@@ -68,7 +93,8 @@ def greedy_decode(
 
     def body(state):
         t, buf, done = state
-        token = jnp.argmax(_next_logits(decode_fn, enc, buf, t, max_len), axis=-1).astype(jnp.int32)
+        logp = _next_logits(decode_fn, enc, buf, t, max_len, no_repeat_ngram)
+        token = jnp.argmax(logp, axis=-1).astype(jnp.int32)
         token = jnp.where(done, pad_id, token)  # [B]
         buf = jax.lax.dynamic_update_slice(buf, token[:, None], (0, t + 1))
         return t + 1, buf, done | (token == eos_id)
@@ -97,7 +123,7 @@ def _top_k_beams(scores: jax.Array, seqs: jax.Array, k: int) -> tuple[jax.Array,
     return top_scores, _gather_beams(seqs, idx)
 
 
-def _beam_step(state, *, decode_fn, enc, beam_size, max_len, eos_id, alpha):
+def _beam_step(state, *, decode_fn, enc, beam_size, max_len, eos_id, alpha, ngram=0):
     """One step of beam search over finished and alive beams (as in the flax wmt / t5x decoder).
 
     The ``2K`` best extensions of the alive beams are scored; those ending in eos become
@@ -106,7 +132,7 @@ def _beam_step(state, *, decode_fn, enc, beam_size, max_len, eos_id, alpha):
     """
     t, alive_seq, alive_logp, fin_seq, fin_score = state
     batch, k, width = alive_seq.shape  # [B, K, max_len+1]
-    logp = _next_logits(decode_fn, enc, alive_seq.reshape(batch * k, width), t, max_len)
+    logp = _next_logits(decode_fn, enc, alive_seq.reshape(batch * k, width), t, max_len, ngram)
     vocab = logp.shape[-1]
     cand = (alive_logp[:, :, None] + logp.reshape(batch, k, vocab)).reshape(batch, k * vocab)
     cand_logp, cand_idx = jax.lax.top_k(cand, min(2 * k, k * vocab))  # [B, 2K]
@@ -151,6 +177,7 @@ def beam_search(
     eos_id: int,
     length_penalty: float = 0.6,
     pad_id: int = 0,
+    no_repeat_ngram: int = 0,
 ) -> jax.Array:
     """Beam search with GNMT length normalisation: the best hypothesis per row, ``int32[B, L]``.
 
@@ -177,6 +204,7 @@ def beam_search(
         max_len=max_len,
         eos_id=eos_id,
         alpha=length_penalty,
+        ngram=no_repeat_ngram,
     )
     done = functools.partial(_beam_search_done, max_len=max_len, alpha=length_penalty)
     _, alive_seq, alive_logp, fin_seq, fin_score = jax.lax.while_loop(

@@ -114,6 +114,8 @@ def _tasks_section(run: RunFiles, names: list[str]) -> dict[str, rf.ReportTask]:
             first_perplexity=ppl[0] if ppl else None,
             bleu=final.bleu if final.bleu is not None else (bleu or [None])[-1],
             bleu_signature=final.bleu_signature,
+            empty_fraction=final.empty_fraction,
+            looping_fraction=final.looping_fraction,
             hypotheses=final.hypotheses,
             references=final.references,
             examples_seen=seen.get(name),

@@ -62,6 +62,13 @@ def _tasks(report: rf.Report) -> list[str]:
         "examples seen",
     ]
     lines = ["## Tasks", "", *table(header, rows), ""]
+    decoded = {n: t for n, t in report.tasks.items() if t.looping_fraction is not None}
+    if decoded:
+        shares = "; ".join(
+            f"`{n}` {t.empty_fraction:.0%} empty, {t.looping_fraction:.0%} looping"
+            for n, t in decoded.items()
+        )
+        lines += [f"Decoded lines (a word three times in a row is looping): {shares}.", ""]
     for name, t in report.tasks.items():
         if t.bleu_signature:
             lines.append(f"- `{name}` BLEU signature: `{t.bleu_signature}`")

@@ -113,7 +113,12 @@ class Evaluator:
             def decode_fn(enc, tgt):
                 return model.decode(tgt, enc[0], enc[1], enc[2])[0]
 
-            common = dict(max_len=ev.max_decode_length, bos_id=BOS_ID, eos_id=EOS_ID)
+            common = dict(
+                max_len=ev.max_decode_length,
+                bos_id=BOS_ID,
+                eos_id=EOS_ID,
+                no_repeat_ngram=ev.no_repeat_ngram,
+            )
             if ev.beam_size > 1:
                 return decoding.beam_search(
                     encode_fn, decode_fn, src, beam_size=ev.beam_size,
@@ -153,6 +158,7 @@ class Evaluator:
             if not refs:
                 continue
             row.bleu, row.bleu_signature = bleu.corpus_bleu(hyps, refs)
+            row.empty_fraction, row.looping_fraction = bleu.degenerate_fractions(hyps)
             if primary:
                 hyp_p, ref_p = bleu.write_decodes(run_dir, task.name, hyps, refs)
                 row.hypotheses = str(hyp_p.relative_to(run_dir))

@@ -28,6 +28,7 @@ from moe.training.state import TrainState
 class LossWeights:
     aux: float
     z: float
+    label_smoothing: float = 0.0  # training only; metrics report the plain NLL
 
 
 def segments(batch) -> tuple[Segments, Segments] | None:
@@ -64,6 +65,13 @@ def token_nll(logits, targets):
     return jnp.where(mask, nll, 0.0), mask
 
 
+def smoothed_nll(logits, nll, mask, smoothing: float):
+    """Label-smoothed per-token loss ``(1 - s) nll + s mean_v(-log p_v)`` (Szegedy et al. 2016,
+    uniform prior), 0 at padding."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return (1 - smoothing) * nll - smoothing * jnp.where(mask, logp.mean(-1), 0.0)
+
+
 def _per_task(values, task, num_tasks):
     return jax.ops.segment_sum(values.reshape(-1), task.reshape(-1), num_segments=num_tasks)
 
@@ -75,7 +83,10 @@ def loss_and_metrics(params, graphdef, batch, key, weights: LossWeights, num_tas
     ce = nll.sum() / tokens
     aux_loss = sum((a.aux_loss for a in aux.values()), jnp.float32(0))
     z_loss = sum((a.z_loss for a in aux.values()), jnp.float32(0))
-    loss = ce + weights.aux * aux_loss + weights.z * z_loss
+    objective = ce
+    if train and weights.label_smoothing:  # the metrics keep the plain NLL
+        objective = smoothed_nll(logits, nll, mask, weights.label_smoothing).sum() / tokens
+    loss = objective + weights.aux * aux_loss + weights.z * z_loss
     metrics = {
         "loss": loss,
         "ce": ce,
@@ -152,7 +163,11 @@ def make_train_step(exp: Experiment, graphdef, optimizer, num_tasks: int | None 
         train_step,
         graphdef=graphdef,
         optimizer=optimizer,
-        weights=LossWeights(aux=exp.moe.aux_loss_weight, z=exp.moe.z_loss_weight),
+        weights=LossWeights(
+            aux=exp.moe.aux_loss_weight,
+            z=exp.moe.z_loss_weight,
+            label_smoothing=exp.train.label_smoothing,
+        ),
         num_tasks=len(exp.tasks) if num_tasks is None else num_tasks,
         accum=exp.train.grad_accum,
     )

@@ -29,3 +29,9 @@ def test_write_decodes_keeps_one_line_per_sentence(tmp_path):
 def test_bleu_rejects_mismatched_lengths():
     with pytest.raises(ValueError, match="2 hypotheses but 1 references"):
         bleu.corpus_bleu(["a", "b"], ["a"])
+
+
+def test_degenerate_lines_are_counted():
+    hyps = ["Die Die Die Katze", "", "ein Hund", "pas pas", "x y x y x y"]
+    assert bleu.loops("ist ist ist nicht") and not bleu.loops("ist ist nicht ist")
+    assert bleu.degenerate_fractions(hyps) == (0.2, 0.2)

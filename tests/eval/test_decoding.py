@@ -253,3 +253,45 @@ def test_beam_search_stops_once_no_alive_beam_can_beat_the_finished_ones():
     )
     np.testing.assert_array_equal(out[0, :4], [B, C, A, EOS])
     assert len(calls) == 4  # both finished beams outscore any alive continuation after step 4
+
+
+# No repeated n-grams (fairseq's no_repeat_ngram_size)
+
+
+def _banned_reference(row, t, n):
+    """The tokens that would complete an n-gram already in row[1 : t + 1] (a Python loop)."""
+    seq, out = list(row[1 : t + 1]), set()
+    if n == 0 or len(seq) < n - 1:
+        return out
+    tail = seq[len(seq) - (n - 1) :] if n > 1 else []
+    for j in range(len(seq) - n + 1):
+        if seq[j : j + n - 1] == tail:
+            out.add(seq[j + n - 1])
+    return out
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_repeated_ngram_tokens_match_a_python_loop(n):
+    rng = np.random.default_rng(n)
+    buf = rng.integers(3, 6, (16, 12)).astype(np.int32)  # few tokens: many repeats
+    buf[:, 0] = BOS
+    for t in range(0, 11):
+        got = np.asarray(decoding.repeated_ngram_tokens(jnp.asarray(buf), jnp.int32(t), n, V))
+        for r in range(16):
+            assert set(np.flatnonzero(got[r]).tolist()) == _banned_reference(buf[r], t, n), (t, r)
+
+
+def test_greedy_and_beam_never_repeat_a_bigram_when_asked():
+    loop = _table({BOS: {A: 0.9, B: 0.1}, A: {B: 0.8, EOS: 0.2}, B: {A: 0.7, EOS: 0.3}})
+    encode_fn, decode_fn = _bigram_model([loop])
+    src = jnp.zeros((1, 1), jnp.int32)
+    kw = dict(max_len=8, bos_id=BOS, eos_id=EOS)
+    free = decoding.greedy_decode(encode_fn, decode_fn, src, **kw)
+    assert free[0].tolist() == [A, B, A, B, A, B, A, B]  # a b a b ...: loops
+    for out in (
+        decoding.greedy_decode(encode_fn, decode_fn, src, no_repeat_ngram=2, **kw),
+        decoding.beam_search(encode_fn, decode_fn, src, beam_size=3, no_repeat_ngram=2, **kw),
+    ):
+        tokens = [x for x in out[0].tolist() if x not in (PAD, EOS)]
+        bigrams = list(zip(tokens, tokens[1:]))
+        assert len(bigrams) == len(set(bigrams)) and tokens[:2] == [A, B]

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moe.training.step import token_nll
+from moe.training.step import smoothed_nll, token_nll
 
 
 def perplexity(logits, targets):
@@ -59,3 +59,14 @@ def test_bf16_logits_are_scored_in_float32():
     nll, _ = token_nll(logits, jnp.ones((1, 3), int))
     assert nll.dtype == jnp.float32
     assert perplexity(logits, jnp.ones((1, 3), int))[0] == pytest.approx(50.0, rel=1e-5)
+
+
+def test_label_smoothing_mixes_the_nll_with_the_mean_over_the_vocabulary():
+    logits = jax.random.normal(jax.random.key(2), (1, 3, 6))
+    targets = jnp.array([[2, 5, 0]])
+    nll, mask = token_nll(logits, targets)
+    got = smoothed_nll(logits, nll, mask, 0.1)
+    logp = np.asarray(jax.nn.log_softmax(np.asarray(logits, np.float64), axis=-1))
+    for t, y in enumerate([2, 5]):  # by hand: 0.9 * -log p_y + 0.1 * mean_v(-log p_v)
+        assert float(got[0, t]) == pytest.approx(-0.9 * logp[0, t, y] - 0.1 * logp[0, t].mean())
+    assert float(got[0, 2]) == 0.0  # padding
