@@ -104,7 +104,9 @@ CASES = [  # T, E, k, C, score, with bias, device_limit, num_devices, routed_sca
 
 
 @pytest.mark.parametrize("T,E,k,C,score,with_bias,limit,D,scaling,renormalize", CASES)
-def test_matches_the_deepseek_routing_loop(T, E, k, C, score, with_bias, limit, D, scaling, renormalize):
+def test_matches_the_deepseek_routing_loop(
+    T, E, k, C, score, with_bias, limit, D, scaling, renormalize
+):
     rng = np.random.default_rng(T * E + k + C + limit)
     logits = rng.normal(size=(T, E)).astype(np.float32)
     bias = (0.3 * rng.normal(size=E)).astype(np.float32) if with_bias else None
@@ -236,7 +238,9 @@ def test_bias_update_lowers_overloaded_and_raises_underloaded_experts():
 def test_balanced_load_leaves_the_bias_unchanged():
     bias = jnp.asarray([0.3, -0.1, 0.0])
     np.testing.assert_array_equal(balance.bias_update(bias, jnp.full(3, 7.0), 1e-3), bias)
-    np.testing.assert_array_equal(balance.bias_update(bias, jnp.asarray([9.0, 1.0, 0.0]), 0.0), bias)
+    np.testing.assert_array_equal(
+        balance.bias_update(bias, jnp.asarray([9.0, 1.0, 0.0]), 0.0), bias
+    )
 
 
 def test_the_bias_update_balances_a_skewed_router():
