@@ -55,21 +55,24 @@ def model_state(state: TrainState) -> Any:
     return nnx.merge_state(state.params, state.router_bias)
 
 
-def update_router_bias(graphdef, state: TrainState, moe_metrics: dict, rate: float) -> Any:
+def update_router_bias(
+    graphdef, state: TrainState, moe_metrics: dict, rate: float, apply: Any = True
+) -> tuple[Any, dict[str, jax.Array]]:
     """The router biases after one step of auxiliary-loss-free balancing (``moe.routing.balance``):
     each MoE layer's bias moves by ``rate * sign(mean load - load)``, the load being the step's
     ``choices_per_expert`` (selection before capacity; a mean over routing groups and
     micro-batches, proportional to their sum, so the sign is that of the whole mesh's load).
-    Returns ``state.router_bias`` itself when ``rate`` is 0 or no layer has a bias."""
+
+    ``apply``: a bool (array); False keeps the old biases (a skipped step). Returns
+    ``(router_bias state, {layer: its bias [E]})``; the state unchanged and ``{}`` when ``rate``
+    is 0 or no layer has a bias."""
     if rate == 0 or not jax.tree.leaves(state.router_bias):
-        return state.router_bias
+        return state.router_bias, {}
     model = nnx.merge(graphdef, state.params, state.router_bias)
+    new = {}
     for layer, block in model.moe_blocks().items():
         bias = block.router.bias
         if bias is not None:
-            bias[...] = bias_update(bias[...], moe_metrics[layer]["choices_per_expert"], rate)
-    return nnx.state(model, RouterBias)
-
-
-def num_params(params: Any) -> int:
-    return sum(int(x.size) for x in jax.tree.leaves(params))
+            moved = bias_update(bias[...], moe_metrics[layer]["choices_per_expert"], rate)
+            bias[...] = new[layer] = jnp.where(apply, moved, bias[...])
+    return nnx.state(model, RouterBias), new

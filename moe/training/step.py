@@ -118,6 +118,7 @@ def train_step(
     updates, new_opt = optimizer.update(grads, state.opt_state, state.params)
     new_params = optax.apply_updates(state.params, updates)
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+    router_bias, biases = update_router_bias(graphdef, state, metrics["moe"], bias_rate, finite)
     new_state = TrainState(
         step=state.step + 1,
         params=keep(new_params, state.params),
@@ -125,11 +126,11 @@ def train_step(
         bad_steps=jnp.where(finite, 0, state.bad_steps + 1),
         skipped=state.skipped + (~finite).astype(jnp.int32),
         # Auxiliary-loss-free balancing: outside the optimizer, skipped with the step.
-        router_bias=keep(
-            update_router_bias(graphdef, state, metrics["moe"], bias_rate), state.router_bias
-        ),
+        router_bias=router_bias,
     )
     metrics = {**metrics, "grad_norm": grad_norm, "finite": finite}
+    for layer, bias in biases.items():  # the new bias, for metrics.jsonl and the report
+        metrics["moe"][layer] = {**metrics["moe"][layer], "router_bias": bias}
     return new_state, metrics
 
 
