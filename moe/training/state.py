@@ -76,3 +76,7 @@ def update_router_bias(
             moved = bias_update(bias[...], moe_metrics[layer]["choices_per_expert"], rate)
             bias[...] = new[layer] = jnp.where(apply, moved, bias[...])
     return nnx.state(model, RouterBias), new
+
+
+def num_params(params: Any) -> int:
+    return sum(int(x.size) for x in jax.tree.leaves(params))
