@@ -150,7 +150,7 @@ def main():
             "grad": err(g_want, g_got),
             "all_to_alls": len([c for c in parse_collectives(hlo, 8) if c.kind == "all-to-all"]),
             "dropped": float(a_got.stats["dropped_fraction"]),
-            "fanout": float(a_got.stats["device_fanout"]),
+            "fanout": float(a_got.stats.get("device_fanout", jnp.nan)),  # token choice only
             "device_limit": options.get("device_limit", 0),
             "bias_update": bias_update_error(graph, state, x, masks, groups, rows, a_got),
             "scale": float(jnp.max(jnp.abs(y_want))),
