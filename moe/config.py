@@ -9,7 +9,7 @@ whose message is one line naming the file/override and the key.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import (
     BaseModel,
@@ -63,6 +63,9 @@ class RoutingInputs(Section):
 
 
 class MoeConfig(Section):
+    # Old keys: overrides reach `_migrate` (moe.config_io); see docs/experiments_routing.md
+    removed_keys: ClassVar[tuple[str, ...]] = ("shared_expert",)
+
     num_experts: int = Field(8, ge=1, description="Experts per MoE layer.")
     every: int = Field(
         2, ge=0, description="MoE replaces every n-th feed-forward (n=2: GShard); 0 = dense model."
@@ -87,7 +90,16 @@ class MoeConfig(Section):
     jitter: float = Field(0.0, ge=0.0, lt=1.0, description="Multiplicative router input jitter.")
     num_groups: int = Field(0, ge=0, description="Hierarchical MoE: number of primary groups.")
     expert_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout inside experts.")
-    shared_expert: bool = Field(False, description="A dense FFN beside the routed experts.")
+    expert_d_ff: int | None = Field(
+        None, gt=0, description="Width of each routed expert (fine-grained); None = model.d_ff."
+    )
+    num_shared_experts: int = Field(0, ge=0, description="Always-on experts (DeepSeekMoE).")
+    gate: Literal["softmax", "sigmoid"] = Field("softmax", description="Router score function.")
+    routed_scaling: float = Field(1.0, gt=0.0, description="Factor on the routed gates.")
+    bias_balance_rate: float = Field(
+        0.0, ge=0.0, description="Loss-free balancing bias update speed; 0 = off (papers: 1e-3)."
+    )
+    device_limit: int = Field(0, ge=0, description="Devices per token's experts; 0 = no limit.")
     aux_loss_weight: float = Field(0.01, ge=0.0, description="Weight of the balance loss.")
     z_loss_weight: float = Field(0.001, ge=0.0, description="Weight of the router z-loss.")
     router_init_std: float = Field(0.02, gt=0.0, description="Router kernel init std.")
@@ -108,6 +120,15 @@ class MoeConfig(Section):
         "own count); `moe grow`/`moe extract` keep the original count so old tasks drop "
         "exactly the tokens they dropped before.",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _migrate(cls, value: Any) -> Any:
+        if not isinstance(value, dict):
+            return value
+        if value.get("shared_expert", False) is not False:
+            raise ValueError("moe.shared_expert is gone: write `moe.num_shared_experts: 1` instead")
+        return {k: v for k, v in value.items() if k != "shared_expert"}  # false: the default
 
     @field_validator("routing_input", mode="before")
     @classmethod
@@ -295,6 +316,7 @@ class Experiment(Section):
                     f"{field}=expert_choice looks at future tokens and cannot route a causal "
                     "decoder; set moe.decoder_router=token_choice"
                 )
+            self._check_deepseek_routing(decoder_router)
             if "hierarchical" in (moe.router, decoder_router):
                 g = moe.num_groups
                 if g < 2 or moe.num_experts % g:
@@ -326,6 +348,25 @@ class Experiment(Section):
     def experts_in(self, layer: str) -> int:
         """Number of experts of MoE layer ``layer`` (``moe.layer_experts`` or ``num_experts``)."""
         return self.moe.layer_experts.get(layer, self.moe.num_experts)
+
+    def _check_deepseek_routing(self, decoder_router: str) -> None:
+        moe, ep = self.moe, self.mesh_shape.get("expert", 1)
+        new = {"gate": "softmax", "bias_balance_rate": 0, "device_limit": 0, "routed_scaling": 1}
+        used = next((k for k, v in new.items() if getattr(moe, k) != v), None)
+        other = next((r for r in (moe.router, decoder_router) if r != "token_choice"), None)
+        if used and other:
+            field = "router" if moe.router == other else "decoder_router"
+            raise ValueError(f"moe.{used} needs token-choice routing, not moe.{field}={other}")
+        if moe.bias_balance_rate and any(t.frozen for t in self.tasks):
+            raise ValueError("moe.bias_balance_rate > 0 would move frozen tasks' routing")
+        near = min(
+            (moe.device_limit * self.experts_in(x) // ep for x in self.moe_layers), default=0
+        )
+        if 0 < moe.device_limit < ep and near < moe.top_k:
+            raise ValueError(
+                f"moe.device_limit={moe.device_limit} of {ep} expert-axis devices leaves {near} "
+                f"experts, fewer than moe.top_k={moe.top_k}"
+            )
 
     def _check_pathways(self) -> None:
         layers = self.moe_layers

@@ -120,8 +120,11 @@ def _list_index(node: list, part: str, item: str, where: str) -> int:
     return int(part)
 
 
-def _fields_at(path: list[str], root: type[BaseModel]) -> dict[str, Any] | None:
-    """The pydantic fields of the section at ``path`` (skipping list indices), or None."""
+def _fields_at(
+    path: list[str], root: type[BaseModel], attr: str = "model_fields"
+) -> dict[str, Any] | None:
+    """The pydantic fields of the section at ``path`` (skipping list indices), or None; with
+    ``attr``, that attribute of the section's model instead (``removed_keys``)."""
     model: Any = root
     for part in path:
         if part.isdigit():
@@ -137,13 +140,15 @@ def _fields_at(path: list[str], root: type[BaseModel]) -> dict[str, Any] | None:
         if inner is None:
             return {}
         model = inner
-    return model.model_fields
+    return getattr(model, attr, {})
 
 
 def _check_known(root, parts: list[str], item: str, rest: list[str] = ()) -> None:
     fields = _fields_at(parts[:-1], root)
     if not fields or parts[-1] in fields or parts[-1].isdigit():
         return
+    if parts[-1] in (_fields_at(parts[:-1], root, "removed_keys") or ()):
+        return  # the schema's validator says what replaced it
     raise ConfigError(f"override {item!r}: {_unknown(parts, list(fields), rest)}")
 
 

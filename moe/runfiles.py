@@ -237,6 +237,8 @@ class LayerStats(RunFile):
     mean_aux_loss: Number = None
     final_z_loss: Number = None
     mean_z_loss: Number = None
+    final_device_fanout: Number = None  # devices a token's experts lie on (expert axis)
+    mean_device_fanout: Number = None
 
 
 class ReportExperts(RunFile):
@@ -245,6 +247,8 @@ class ReportExperts(RunFile):
     layers: dict[str, LayerStats] = Field(default_factory=dict)
     usage: dict[str, dict[str, list[Number]]] = Field(default_factory=dict)
     usage_source: str = ""
+    # {layer: final selection bias [E]} of auxiliary-loss-free balancing (moe.routing.balance)
+    router_bias: dict[str, list[Number]] = Field(default_factory=dict)
 
 
 class ReportPod(PodSummary):

@@ -60,8 +60,22 @@ class MoeSpec:
         §3.2, Mesh-TF ``multiplicative_jitter``; eps = 1e-2 there); 0 = off.
       num_groups: A, primary groups of the hierarchical router (``E = A * B``).
       expert_dropout: dropout on the experts' hidden activation (Switch §2.4: 0.4 fine-tuning).
-      shared_expert: a dense FFN (width d_ff) beside the routed experts, added to their output
-        (ST-MoE §5, "add a dense FFN next to each sparse layer").
+      expert_d_ff: hidden width of each routed expert; 0 = the block's ``d_ff`` (fine-grained
+        experts, DeepSeekMoE, Dai et al. 2024: more, narrower experts at equal active FLOPs).
+      num_shared_experts: always-on experts beside the routed ones, added to their output
+        (DeepSeekMoE shared experts; with 1 at full width, ST-MoE §5's "dense FFN next to each
+        sparse layer"). N experts of width ``f`` are one dense FFN of width ``N * f``: the sum
+        of N FFNs equals the FFN with their hidden units side by side (biases summed).
+      gate: 'softmax' | 'sigmoid' router scores (``moe.routing.token_choice.top_k``).
+      routed_scaling: factor on the routed gates (DeepSeek-V3).
+      selection_bias: keep a per-expert selection bias (``RouterBias``, auxiliary-loss-free
+        balancing; the training step moves it, ``moe.routing.balance``).
+      device_limit: M, devices of the expert axis a token's experts may lie on (DeepSeek-V2
+        §2.1.3); 0 = no limit.
+      expert_devices: D, the expert-axis size the experts are split over; routing counts
+        devices in it (device limit, the ``device_fanout`` stat) also when the block runs on
+        one device, so the sharded block equals this block group by group. Under a mesh the
+        block uses the mesh's expert axis (which must then equal it, unless it is 1).
       router_init_std: normal init std of the router kernel (flaxformer 2e-2, papers §3.4).
       activation: 'gelu' | 'relu' for the experts and the shared expert.
       routing_groups: 'batch' (the call's tokens are one routing group) or 'device' (each
@@ -84,7 +98,13 @@ class MoeSpec:
     jitter: float = 0.0
     num_groups: int = 0
     expert_dropout: float = 0.0
-    shared_expert: bool = False
+    expert_d_ff: int = 0
+    num_shared_experts: int = 0
+    gate: str = "softmax"
+    routed_scaling: float = 1.0
+    selection_bias: bool = False
+    device_limit: int = 0
+    expert_devices: int = 1
     router_init_std: float = 0.02
     activation: str = "gelu"
     routing_groups: str = "batch"
@@ -97,6 +117,16 @@ class MoeSpec:
             )
         if self.router not in ROUTERS:
             raise ValueError(f"router={self.router!r} is not one of {ROUTERS}")
+        deepseek = self.gate != "softmax" or self.selection_bias or self.device_limit
+        if deepseek and self.router != "token_choice":
+            raise ValueError(
+                f"gate={self.gate!r}, selection_bias and device_limit need router='token_choice'"
+                f" (got {self.router!r})"
+            )
+        if self.expert_devices < 1 or self.num_experts % self.expert_devices:
+            raise ValueError(
+                f"expert_devices={self.expert_devices} must divide num_experts={self.num_experts}"
+            )
         if self.num_experts < 1 or self.top_k < 1:
             raise ValueError(f"num_experts={self.num_experts} and top_k={self.top_k} must be >= 1")
         if self.router != "hierarchical" and self.top_k > self.num_experts:
@@ -147,18 +177,25 @@ class MoeBlock(nnx.Module):
         self.spec = spec
         self.dtype = dtype
         self.router = Router(d_model, spec, causal=causal, rngs=rngs)
+        expert_d_ff = spec.expert_d_ff or d_ff
         self.experts = ExpertBank(
             spec.num_experts,
             d_model,
-            d_ff,
+            expert_d_ff,
             activation=spec.activation,
             dropout=spec.expert_dropout,
             dtype=dtype,
             rngs=rngs,
         )
         self.shared = (
-            DenseFFN(d_model, d_ff, activation=spec.activation, dtype=dtype, rngs=rngs)
-            if spec.shared_expert
+            DenseFFN(
+                d_model,
+                spec.num_shared_experts * expert_d_ff,
+                activation=spec.activation,
+                dtype=dtype,
+                rngs=rngs,
+            )
+            if spec.num_shared_experts
             else None
         )
 
@@ -171,9 +208,11 @@ class MoeBlock(nnx.Module):
         token_mask: jax.Array | None = None,
         expert_mask: jax.Array | None = None,
         router_bias: jax.Array | None = None,
+        num_devices: int | None = None,
     ) -> Routing:
         """The block's routing of flattened tokens ``x_td [T, d]`` (masks and bias flattened
         to ``[T]``, ``[T, E]``, ``[T, d]``); a masked expert holds none of its masked tokens.
+        ``num_devices``: the expert-axis size (default ``spec.expert_devices``).
 
         The capacity rule (``MoeSpec.capacity``) counts the real tokens of ``token_mask``: the
         buffers keep ``capacity(T)`` slots (a static shape), of which ``capacity(n_real)`` are
@@ -192,6 +231,7 @@ class MoeBlock(nnx.Module):
             expert_mask=expert_mask,
             router_bias=router_bias,
             capacity_limit=limit,
+            num_devices=num_devices or self.spec.expert_devices,
         )
         if limit is not None:
             routing = dataclasses.replace(
@@ -255,6 +295,11 @@ class MoeBlock(nnx.Module):
                 f"MoE block: {self.spec.num_experts} experts do not split over the expert axis "
                 f"({shape['expert']})"
             )
+        if self.spec.expert_devices not in (1, shape["expert"]):
+            raise ValueError(
+                f"MoE block: spec.expert_devices={self.spec.expert_devices} but the mesh's "
+                f"expert axis is {shape['expert']}"
+            )
         return groups
 
     def _local(self, x_td, train, rngs, masks):
@@ -297,10 +342,13 @@ class MoeBlock(nnx.Module):
             for n, v in variables.items()
         }
         split_hidden = mesh.shape.get("model", 1) > 1
+        num_devices = mesh.shape["expert"]  # device limit and fan-out count these devices
 
         def route(x_td, extras_td, keys_l):
             router_rngs = nnx.Rngs(router=keys_l["router"]) if "router" in keys_l else None
-            return self.route(x_td, train=train, rngs=router_rngs, **extras_td)
+            return self.route(
+                x_td, train=train, rngs=router_rngs, num_devices=num_devices, **extras_td
+            )
 
         def experts(p, recv, keys_l):
             b_out = jnp.zeros_like(p["b_out"]) if split_hidden else p["b_out"]

@@ -26,6 +26,17 @@ MASKED_LOGIT = -1e9
 NOISE_EPSILON = 1e-2
 
 
+class RouterBias(nnx.Variable):
+    """A per-expert selection bias ``b [E]`` (float32): model state that is not a parameter.
+
+    Auxiliary-loss-free balancing (Wang et al. 2024; DeepSeek-V3 §2.1.2): added to the router
+    scores for the top-k selection only, moved after every training step against the step's
+    load (``moe.routing.balance.bias_update``), never by the optimizer or gradients. It lives in
+    the model state (``nnx.state(model, RouterBias)``), so the train state carries it beside the
+    parameters and checkpoints save it. Replicated on every device.
+    """
+
+
 def _logits(x: jax.Array, w: jax.Array) -> jax.Array:
     return jnp.dot(x, w[...], precision=jax.lax.Precision.HIGHEST)  # float32
 
@@ -36,7 +47,8 @@ class Router(nnx.Module):
     Parameters (float32): ``w_gate [d, E]`` (normal, ``spec.router_init_std``); for ``noisy``
     also ``w_noise [d, E]`` (zeros, Shazeer App. A: "no signal and some noise" at init); for
     ``hierarchical`` ``w_primary [d, A]`` and ``w_gate [d, A * B]`` (the A secondary gates side
-    by side, expert ``a * B + b``).
+    by side, expert ``a * B + b``). With ``spec.selection_bias`` also ``bias``, a
+    ``RouterBias [E]`` (zeros at init).
     """
 
     def __init__(self, d_model: int, spec, *, causal: bool, rngs: nnx.Rngs):
@@ -52,6 +64,9 @@ class Router(nnx.Module):
         self.w_primary = nnx.data(
             param(init(rngs.params(), (d_model, spec.num_groups)), axes) if two_level else None
         )
+        self.bias = nnx.data(
+            RouterBias(jnp.zeros((e,), jnp.float32)) if spec.selection_bias else None
+        )
 
     def __call__(
         self,
@@ -64,12 +79,15 @@ class Router(nnx.Module):
         expert_mask: jax.Array | None = None,
         router_bias: jax.Array | None = None,
         capacity_limit: jax.Array | None = None,
+        num_devices: int = 1,
     ) -> Routing:
         """Route ``x_td [T, d]`` with ``capacity`` slots per expert (``capacity_limit`` of them
         usable, when given: see ``moe.routing.token_choice.top_k``).
 
         ``token_mask bool[T]`` marks real tokens; ``expert_mask bool[T, E]`` False pairs get
-        the logit ``MASKED_LOGIT``; ``router_bias [T, d]`` is added to the router input.
+        the logit ``MASKED_LOGIT`` (and the selection bias ``MASKED_LOGIT``, so no bias pulls a
+        token to an expert it may not use); ``router_bias [T, d]`` is added to the router input;
+        ``num_devices`` is the expert-axis size (device limit, fan-out).
         """
         spec = self.spec
         h = x_td.astype(jnp.float32)  # [T, d]
@@ -89,10 +107,20 @@ class Router(nnx.Module):
 
         if spec.router == "token_choice":
             random = train and spec.second_expert_policy == "random" and spec.top_k > 1
+            bias = None
+            if self.bias is not None:
+                bias = self.bias[...]  # [E]
+                if allowed is not None:
+                    bias = jnp.where(allowed, bias[None, :], MASKED_LOGIT)  # [T, E]
             return token_choice.top_k(
                 logits,
                 k=spec.top_k,
                 capacity=capacity,
+                score=spec.gate,
+                bias=bias,
+                device_limit=spec.device_limit,
+                num_devices=num_devices,
+                routed_scaling=spec.routed_scaling,
                 renormalize=spec.renormalize,
                 second_expert_policy="random" if random else "all",
                 second_expert_threshold=spec.second_expert_threshold,

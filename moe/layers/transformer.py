@@ -240,6 +240,16 @@ class Transformer(nnx.Module):
             else None
         )
 
+    def moe_blocks(self) -> dict[str, MoeBlock]:
+        """The MoE blocks by layer name (``encoder/1``): the keys of the aux dict."""
+        stacks = (("encoder", self.encoder), ("decoder", self.decoder))
+        return {
+            f"{stack}/{i}": block.ffn
+            for stack, blocks in stacks
+            for i, block in enumerate(blocks)
+            if block.is_moe
+        }
+
     # -- pieces ------------------------------------------------------------------------------
     def _moe_kw(self, stack: str, i: int, task_bs) -> dict:
         """Pathway mask and task router input of MoE block ``i`` for tokens whose tasks are

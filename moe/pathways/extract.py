@@ -36,7 +36,7 @@ from moe import config as cfg
 from moe.errors import UserError
 from moe.pathways import surgery
 from moe.training import pathway_spec
-from moe.training.restore import restore
+from moe.training.restore import restore, run_config
 
 
 def task_index(exp: cfg.Experiment, name: str) -> int:
@@ -87,6 +87,7 @@ def extract(run_dir: Path, task_name: str, out: Path | None = None, step: int | 
     """Write the sub-network of ``task_name`` to ``out`` (default ``<run_dir>-<task>``);
     returns the manifest (also saved as ``out/extracted.json``)."""
     run_dir = Path(run_dir)
+    surgery.check_supported(run_config(run_dir), "extract")
     restored = restore(run_dir, step)
     exp = restored.exp
     task = task_index(exp, task_name)

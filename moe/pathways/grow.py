@@ -131,6 +131,7 @@ def check_growable(exp: cfg.Experiment, spec: GrowSpec) -> None:
         raise UserError("grow: hierarchical routers cannot be grown (their groups are fixed)")
     if not exp.moe_layers:
         raise UserError("grow: the model has no MoE layer to add experts to")
+    surgery.check_supported(exp, "grow")
     for layer in exp.moe_layers:
         e_old = exp.experts_in(layer)
         width = spec.add_experts + min(spec.share_experts, e_old - min(spec.add_experts, e_old))

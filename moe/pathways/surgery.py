@@ -31,6 +31,22 @@ from moe.training.freeze import path_names
 from moe.training.pathway_spec import EXPERT_LEAVES, ROUTER_LEAVES
 
 
+def check_supported(exp: cfg.Experiment, command: str) -> None:
+    """User error for routing that surgery cannot carry over: the router biases of loss-free
+    balancing (not edited with the router columns yet) and device-limited routing (which
+    depends on how the experts split over devices, and surgery changes the expert count)."""
+    m = exp.moe
+    for key, value in (
+        ("bias_balance_rate", m.bias_balance_rate),
+        ("device_limit", m.device_limit),
+    ):
+        if value:
+            raise UserError(
+                f"{command}: runs with moe.{key}={value} are not supported (surgery keeps "
+                "neither router biases nor device groups)"
+            )
+
+
 def expert_axis(path: tuple) -> tuple[str, int] | None:
     """``(layer, axis)`` if the leaf at ``path`` holds one slice per expert, else None."""
     names = path_names(path)
@@ -94,7 +110,10 @@ def write_run(exp: cfg.Experiment, run_dir: Path, params: Any, step: int, meta: 
     params = jax.tree.map(jnp.asarray, params)
     optimizer = build.build_optimizer(exp)
     zero = jnp.zeros((), jnp.int32)
-    state = state_lib.TrainState(jnp.int32(step), params, optimizer.init(params), zero, zero)
+    no_bias = nnx.State({})  # check_supported: no router biases
+    state = state_lib.TrainState(
+        jnp.int32(step), params, optimizer.init(params), zero, zero, no_bias
+    )
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(cfg.dump(exp), encoding="utf-8")
     ckpt = Checkpointer(run_dir / "checkpoints", keep=exp.checkpoint.keep)

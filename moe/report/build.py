@@ -26,7 +26,7 @@ PLOTS = {
     "throughput": "throughput.png",
     "pathways": pathways.PLOT,
 }
-LAYER_STATS = ("dropped_fraction", "load_cv", "aux_loss", "z_loss")
+LAYER_STATS = ("dropped_fraction", "load_cv", "aux_loss", "z_loss", "device_fanout")
 
 
 @dataclass(frozen=True)
@@ -162,11 +162,15 @@ def _experts_section(run: RunFiles, layers: list[str]) -> rf.ReportExperts:
             row[f"final_{key}"] = values[-1] if values else None
             row[f"mean_{key}"] = sum(values) / len(values) if values else None
         stats[layer] = rf.LayerStats(**row)
+    bias = {}  # the last logged bias of each layer (the final step is always logged)
+    for line in run.train:
+        bias.update({k: v["router_bias"] for k, v in line.moe.items() if "router_bias" in v})
     return rf.ReportExperts(
         has_moe=bool(layers) or (bool(moe_cfg) and not dense_cfg),
         num_experts=None if dense_cfg else moe_cfg.get("num_experts"),
         layers=stats,
         usage=run.summary.expert_usage,
+        router_bias={k: v for k, v in bias.items() if isinstance(v, list)},
     )
 
 

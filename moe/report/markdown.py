@@ -121,6 +121,7 @@ def _experts(report: rf.Report) -> list[str]:
     experts = report.experts
     if not experts.has_moe:
         return ["## Experts", "", "The model has no MoE layers: no routing statistics.", ""]
+    fanout = any(s.final_device_fanout is not None for s in experts.layers.values())
     rows = [
         [
             f"`{layer}`",
@@ -129,16 +130,32 @@ def _experts(report: rf.Report) -> list[str]:
             fmt(s.final_load_cv, 3),
             fmt(s.final_aux_loss, 4),
             fmt(s.final_z_loss, 4),
+            *([fmt(s.final_device_fanout, 2)] if fanout else []),
         ]
         for layer, s in experts.layers.items()
     ]
     header = ["layer", "dropped (final)", "dropped (mean)", "load CV (final)", "aux loss", "z loss"]
+    header += ["device fan-out"] if fanout else []  # logged by token-choice routers
     lines = ["## Experts", "", f"Experts per MoE layer: {fmt(experts.num_experts)}.", ""]
     lines += table(header, rows) if rows else ["Routing statistics: n/a (none logged)."]
+    lines += _router_bias(experts.router_bias)
     lines += ["", f"Expert usage ({experts.usage_source}):", ""]
     lines += _plot(report, "expert_usage", "Expert usage, tasks x experts, per MoE layer")
     lines += _plot(report, "routing", "Drop rate and load CV per MoE layer")
     return lines
+
+
+def _router_bias(bias: dict[str, list]) -> list[str]:
+    """The final selection bias of each layer (auxiliary-loss-free balancing), if any."""
+    if not bias:
+        return []
+    rows = []
+    for layer, values in bias.items():
+        b = [v for v in values if v is not None]
+        low, high = (min(b), max(b)) if b else (None, None)
+        rows.append([f"`{layer}`", fmt(low, 4), fmt(high, 4), " ".join(fmt(v, 3) for v in b)])
+    header = ["layer", "min", "max", "bias per expert"]
+    return ["", "Router bias (loss-free balancing), final:", "", *table(header, rows)]
 
 
 def _pod(report: rf.Report) -> list[str]:

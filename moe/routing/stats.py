@@ -10,6 +10,10 @@ The keys are shared by the routers so that metrics and reports can treat them al
 - ``tokens_per_expert``: [E], number of filled slots per expert;
 - ``expert_fraction``: [E], fraction of all selected choices per expert *before* capacity
   (``f_i`` of the balance loss, sums to 1);
+- ``choices_per_expert``: [E], number of the real tokens' selected choices per expert before
+  capacity (the load ``c_i`` of the auxiliary-loss-free bias update, ``moe.routing.balance``);
+- ``device_fanout``: scalar, mean number of distinct devices of the expert axis that a real
+  token's selected experts lie on (1 on one device; at most ``min(k, D)``, or the device limit);
 - ``router_confidence``: scalar, mean top-1 router probability over real tokens;
 - ``router_entropy``: scalar, mean entropy (nats) of the router distribution over real tokens.
 """
@@ -47,6 +51,31 @@ def expert_fraction(experts: jax.Array, valid: jax.Array, num_experts: int) -> j
     onehot = jax.nn.one_hot(experts, num_experts, dtype=jnp.float32)  # [T, k, E]
     counts = jnp.sum(onehot * valid[:, None, None].astype(jnp.float32), axis=(0, 1))  # [E]
     return jax.lax.stop_gradient(_safe_div(counts, jnp.sum(counts)))
+
+
+def selection_stats(
+    experts: jax.Array, valid: jax.Array, num_experts: int, num_devices: int = 1
+) -> dict[str, jax.Array]:
+    """``choices_per_expert`` and ``device_fanout`` of the selected experts (before capacity).
+
+    Args:
+      experts: int[T, k] selected experts.
+      valid: bool[T] real tokens.
+      num_experts: E.
+      num_devices: D; expert ``e`` lives on device ``e // (E / D)``.
+    """
+    weight = valid.astype(jnp.float32)
+    onehot = jax.nn.one_hot(experts, num_experts, dtype=jnp.float32)  # [T, k, E]
+    counts = jnp.sum(onehot * weight[:, None, None], axis=(0, 1))  # [E]
+    device = experts // (num_experts // num_devices)  # [T, k]
+    on = jnp.any(jax.nn.one_hot(device, num_devices, dtype=bool), axis=1)  # [T, D]
+    fanout = jnp.sum(on, axis=-1).astype(jnp.float32)  # [T]
+    return jax.lax.stop_gradient(
+        {
+            "choices_per_expert": counts,
+            "device_fanout": _safe_div(jnp.sum(fanout * weight), jnp.sum(weight)),
+        }
+    )
 
 
 def probability_stats(probs: jax.Array, valid: jax.Array) -> dict[str, jax.Array]:

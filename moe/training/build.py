@@ -38,7 +38,13 @@ def moe_spec(exp: Experiment, layer: str) -> MoeSpec:
         jitter=m.jitter,
         num_groups=m.num_groups,
         expert_dropout=m.expert_dropout,
-        shared_expert=m.shared_expert,
+        expert_d_ff=m.expert_d_ff or 0,
+        num_shared_experts=m.num_shared_experts,
+        gate=m.gate,
+        routed_scaling=m.routed_scaling,
+        selection_bias=m.bias_balance_rate > 0,
+        device_limit=m.device_limit,
+        expert_devices=exp.mesh_shape.get("expert", 1),
         router_init_std=m.router_init_std,
         activation=exp.model.activation,
         routing_groups="device",
@@ -114,5 +120,5 @@ def build_optimizer(exp: Experiment) -> optax.GradientTransformation:
     select = pathway_spec.selector(exp)
     if select is None:
         return chain
-    abstract = nnx.split(nnx.eval_shape(lambda: build_model(exp)), nnx.Param)[1]
+    abstract = nnx.split(nnx.eval_shape(lambda: build_model(exp)), nnx.Param, ...)[1]
     return train_only(chain, select, abstract)

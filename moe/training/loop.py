@@ -149,7 +149,7 @@ def train(exp: cfg.Experiment, run_dir: Path, *, progress: bool = True) -> rf.Tr
             bar.update(1)
             if exp.eval.every and done % exp.eval.every == 0 and done < exp.train.steps:
                 with clock("eval"), window.paused(state):
-                    result, _ = evaluator.perplexities(state.params, "valid")
+                    result, _ = evaluator.perplexities(state_lib.model_state(state), "valid")
                     log.eval(done, result, "valid")
             if exp.checkpoint.every and done % exp.checkpoint.every == 0:
                 with clock("checkpoint"), window.paused(state):
@@ -175,7 +175,9 @@ def train(exp: cfg.Experiment, run_dir: Path, *, progress: bool = True) -> rf.Tr
         **totals.summary(compiled, host_rate),
     )
     with clock("final_eval"):
-        result = evaluator.full(run_dir, state.params, exp.eval.split, exp.train.steps)
+        result = evaluator.full(
+            run_dir, state_lib.model_state(state), exp.eval.split, exp.train.steps
+        )
         log.eval(exp.train.steps, result.tasks, exp.eval.split)
     summary.timing = clock.timing()
     if primary:
@@ -322,7 +324,7 @@ def evaluate_checkpoint(run_dir: Path, *, step=None, split=None) -> rf.EvalSumma
     log = MetricsLog(run_dir, data.task_names, enabled=jax.process_index() == 0, start_step=None)
     split = split or exp.eval.split
     evaluator = Evaluator(exp, data, restored.placement)
-    result = evaluator.full(run_dir, restored.params, split, restored.step)
+    result = evaluator.full(run_dir, restored.model_state, split, restored.step)  # + biases
     log.eval(restored.step, result.tasks, split)
     log.close()
     return result

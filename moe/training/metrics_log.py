@@ -90,7 +90,7 @@ class MetricsLog:
             self._tb.add_scalar(f"train/{name}/loss", t.loss, step)
             self._tb.add_scalar(f"train/{name}/perplexity", math.exp(min(t.loss, 50)), step)
         for layer in line.moe:
-            for key in ("load_cv", "dropped_fraction", "z_loss", "aux_loss"):
+            for key in ("load_cv", "dropped_fraction", "z_loss", "aux_loss", "device_fanout"):
                 value = line.layer_stat(layer, key)
                 if value is not None:
                     self._tb.add_scalar(f"moe/{layer}/{key}", value, step)

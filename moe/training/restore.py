@@ -11,6 +11,8 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+from flax import nnx
+
 from moe import config as cfg
 from moe.errors import UserError
 from moe.training.checkpoint import Checkpointer
@@ -25,6 +27,14 @@ class Restored:
     placement: Placement  # its graphdef is the model's structure
     params: Any  # nnx.State of the model's nnx.Param leaves
     step: int
+    router_bias: Any = None  # nnx.State of its RouterBias leaves (empty: none)
+
+    @property
+    def model_state(self) -> Any:
+        """Parameters and router biases: what ``nnx.merge(placement.graphdef, ...)`` takes."""
+        if self.router_bias is None:
+            return self.params
+        return nnx.merge_state(self.params, self.router_bias)
 
 
 def run_config(run_dir: Path) -> cfg.Experiment:
@@ -48,4 +58,4 @@ def restore(run_dir: Path, step: int | None = None) -> Restored:
     step = max(steps) if step is None else step
     state, _ = ckpt.restore(step, placement.abstract_state)
     ckpt.close()
-    return Restored(exp, placement, state.params, step)
+    return Restored(exp, placement, state.params, step, state.router_bias)

@@ -21,6 +21,7 @@ from flax import nnx
 from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
 
 from moe.config import Experiment
+from moe.layers.router import RouterBias
 from moe.parallel.axes import logical_to_mesh
 from moe.parallel.mesh import (
     batch_sharding,
@@ -33,9 +34,11 @@ from moe.training import build
 from moe.training import state as state_lib
 
 
-def _state_specs(abstract_params: Any, optimizer, mesh: Mesh | AbstractMesh) -> Any:
+def _state_specs(
+    abstract_params: Any, abstract_bias: Any, optimizer, mesh: Mesh | AbstractMesh
+) -> Any:
     """TrainState of PartitionSpecs: parameters by their logical axes, optimizer state like
-    its parameters, everything else replicated."""
+    its parameters, everything else (counters, router biases) replicated."""
     p_specs = param_specs(abstract_params, mesh)
     abstract_opt = jax.eval_shape(optimizer.init, abstract_params)
     opt_specs = optax.tree_map_params(
@@ -47,11 +50,13 @@ def _state_specs(abstract_params: Any, optimizer, mesh: Mesh | AbstractMesh) -> 
         is_leaf=lambda x: isinstance(x, nnx.Variable),
     )
     r = PartitionSpec()
-    return state_lib.TrainState(r, p_specs, opt_specs, r, r)
+    bias_specs = param_specs(abstract_bias, mesh)  # no logical axes: replicated
+    return state_lib.TrainState(r, p_specs, opt_specs, r, r, bias_specs)
 
 
-def _abstract_params(model_fn: Callable[[], nnx.Module]) -> tuple[Any, Any]:
-    return nnx.split(nnx.eval_shape(model_fn), nnx.Param)
+def _abstract_params(model_fn: Callable[[], nnx.Module]) -> tuple[Any, Any, Any]:
+    """``(graphdef, params, router_bias)`` of the model, as shapes."""
+    return nnx.split(nnx.eval_shape(model_fn), nnx.Param, RouterBias)
 
 
 class Placement:
@@ -70,8 +75,8 @@ class Placement:
 
     def __init__(self, mesh: Mesh, model_fn: Callable[[], nnx.Module], optimizer):
         self.mesh, self.optimizer, self._model_fn = mesh, optimizer, model_fn
-        self.graphdef, abstract_params = _abstract_params(model_fn)
-        specs = _state_specs(abstract_params, optimizer, mesh)
+        self.graphdef, abstract_params, abstract_bias = _abstract_params(model_fn)
+        specs = _state_specs(abstract_params, abstract_bias, optimizer, mesh)
         self.state_shardings = named_shardings(specs, mesh)
         abstract = jax.eval_shape(lambda: state_lib.create(model_fn(), optimizer)[1])
         self.abstract_state = jax.tree.map(
@@ -153,12 +158,13 @@ def state_specs(exp: Experiment) -> dict[str, str]:
     golden sharding tests)."""
     shape = exp.mesh_shape
     mesh = AbstractMesh(tuple(shape.values()), tuple(shape))
-    _, abstract_params = _abstract_params(lambda: build.build_model(exp))
-    specs = _state_specs(abstract_params, build.build_optimizer(exp), mesh)
+    _, abstract_params, abstract_bias = _abstract_params(lambda: build.build_model(exp))
+    specs = _state_specs(abstract_params, abstract_bias, build.build_optimizer(exp), mesh)
     batch = {k: logical_to_mesh(("batch", None), mesh) for k in ("src", "tgt_in", "tgt_out")}
     batch["task"] = logical_to_mesh(("batch",), mesh)
     return {
         **specs_as_strings(specs.params, "params"),
         **specs_as_strings(specs.opt_state, "opt_state"),
+        **specs_as_strings(specs.router_bias, "router_bias"),
         **specs_as_strings(batch, "batch"),
     }

@@ -21,7 +21,7 @@ from flax import nnx
 
 from moe.config import Experiment
 from moe.layers.transformer import Segments
-from moe.training.state import TrainState
+from moe.training.state import TrainState, update_router_bias
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,8 +48,9 @@ def target_task(batch) -> jax.Array:
     return jnp.broadcast_to(batch["task"][:, None], batch["tgt_out"].shape)
 
 
-def _forward(graphdef, params, batch, key, *, train: bool):
-    model = nnx.merge(graphdef, params)
+def _forward(graphdef, params, batch, key, *, train: bool, router_bias=None):
+    # router_bias: the RouterBias state, when ``params`` holds only the nnx.Param leaves
+    model = nnx.merge(graphdef, params, *([] if router_bias is None else [router_bias]))
     rngs = nnx.Rngs(dropout=jax.random.fold_in(key, 0), router=jax.random.fold_in(key, 1))
     return model(
         batch["src"], batch["tgt_in"], batch.get("task"), train=train, rngs=rngs,
@@ -76,8 +77,10 @@ def _per_task(values, task, num_tasks):
     return jax.ops.segment_sum(values.reshape(-1), task.reshape(-1), num_segments=num_tasks)
 
 
-def loss_and_metrics(params, graphdef, batch, key, weights: LossWeights, num_tasks: int, train):
-    logits, aux = _forward(graphdef, params, batch, key, train=train)
+def loss_and_metrics(
+    params, graphdef, batch, key, weights: LossWeights, num_tasks: int, train, router_bias=None
+):
+    logits, aux = _forward(graphdef, params, batch, key, train=train, router_bias=router_bias)
     nll, mask = token_nll(logits, batch["tgt_out"])
     tokens = jnp.maximum(mask.sum(), 1)
     ce = nll.sum() / tokens
@@ -103,7 +106,9 @@ def loss_and_metrics(params, graphdef, batch, key, weights: LossWeights, num_tas
 
 def grads_and_metrics(state: TrainState, graphdef, batch, key, weights, num_tasks, accum: int):
     """Gradients of the mean loss over ``accum`` micro-batches (a scan; 1 = one pass)."""
-    grad_fn = jax.grad(loss_and_metrics, has_aux=True)
+    grad_fn = functools.partial(
+        jax.grad(loss_and_metrics, has_aux=True), router_bias=state.router_bias
+    )
     if accum == 1:
         return grad_fn(state.params, graphdef, batch, key, weights, num_tasks, True)
     micro = jax.tree.map(lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]), batch)
@@ -126,10 +131,20 @@ def grads_and_metrics(state: TrainState, graphdef, batch, key, weights, num_task
 
 
 def train_step(
-    state: TrainState, batch, key, *, graphdef, optimizer, weights, num_tasks, accum: int = 1
+    state: TrainState,
+    batch,
+    key,
+    *,
+    graphdef,
+    optimizer,
+    weights,
+    num_tasks,
+    accum: int = 1,
+    bias_rate: float = 0.0,
 ) -> tuple[TrainState, dict[str, Any]]:
     """One optimizer step. A non-finite loss or gradient skips the update and is counted
-    (``bad_steps`` consecutive, ``skipped`` total); the loop stops after too many."""
+    (``bad_steps`` consecutive, ``skipped`` total); the loop stops after too many. The router
+    biases move by ``bias_rate`` against the step's load (``state.update_router_bias``)."""
     key = jax.random.fold_in(key, state.step)
     grads, metrics = grads_and_metrics(state, graphdef, batch, key, weights, num_tasks, accum)
     grad_norm = optax.tree.norm(grads)
@@ -137,14 +152,19 @@ def train_step(
     updates, new_opt = optimizer.update(grads, state.opt_state, state.params)
     new_params = optax.apply_updates(state.params, updates)
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+    router_bias, biases = update_router_bias(graphdef, state, metrics["moe"], bias_rate, finite)
     new_state = TrainState(
         step=state.step + 1,
         params=keep(new_params, state.params),
         opt_state=keep(new_opt, state.opt_state),
         bad_steps=jnp.where(finite, 0, state.bad_steps + 1),
         skipped=state.skipped + (~finite).astype(jnp.int32),
+        # Auxiliary-loss-free balancing: outside the optimizer, skipped with the step.
+        router_bias=router_bias,
     )
     metrics = {**metrics, "grad_norm": grad_norm, "finite": finite.astype(jnp.float32)}
+    for layer, bias in biases.items():  # the new bias, for metrics.jsonl and the report
+        metrics["moe"][layer] = {**metrics["moe"][layer], "router_bias": bias}
     return new_state, metrics
 
 
@@ -170,4 +190,5 @@ def make_train_step(exp: Experiment, graphdef, optimizer, num_tasks: int | None 
         ),
         num_tasks=len(exp.tasks) if num_tasks is None else num_tasks,
         accum=exp.train.grad_accum,
+        bias_rate=exp.moe.bias_balance_rate,
     )

@@ -248,7 +248,7 @@ def test_bfloat16_experts_close_to_float32_with_the_same_routing():
 
 
 def test_shared_expert_adds_the_dense_ffn():
-    block = make_block(shared_expert=True)
+    block = make_block(num_shared_experts=1)
     x = inputs()
     y, _ = call(block, x)
     routed = reference(_params(block), x, block.spec)

@@ -20,8 +20,10 @@ from flax import nnx  # noqa: E402
 from moe.layers.moe import MoeBlock, MoeSpec  # noqa: E402
 from moe.parallel.mesh import build_mesh  # noqa: E402
 from moe.pod.hlo import parse_collectives  # noqa: E402
+from moe.routing.balance import bias_update  # noqa: E402
 
 B, S, D, F, E = 16, 4, 8, 16, 8
+DEEPSEEK = {"gate": "sigmoid", "selection_bias": True, "device_limit": 2, "top_k": 3}
 CASES = {  # name: (mesh, spec options, train, with masks)
     "token_choice/8x1": ("8x1", {}, False, False),
     "token_choice/4x2": ("4x2", {}, False, False),
@@ -36,16 +38,29 @@ CASES = {  # name: (mesh, spec options, train, with masks)
     ),
     "masks/1x8": ("1x8", {}, False, True),
     "model/2x2x2": ("2x2x2", {}, False, False),
+    # DeepSeek routing: sigmoid gates, a selection bias, at most 2 of the 4 expert devices
+    "deepseek/2x4": ("2x4", DEEPSEEK, False, False),
+    "deepseek_masks/1x8": ("1x8", {**DEEPSEEK, "device_limit": 4}, False, True),
+    # dropless under expert parallelism, with a shared expert
+    "dropless_shared/4x2": (
+        "4x2",
+        {"capacity_factor_train": 0.0, "num_shared_experts": 1},
+        True,
+        False,
+    ),
 }
+BIAS_RATE = 1e-3
 
 
-def block_for(options, groups):
-    spec = MoeSpec(
-        num_experts=E, top_k=2, capacity_factor_train=1.0, routing_groups=groups, **options
-    )
+def block_for(options, groups, expert_devices):
+    kw = dict(num_experts=E, top_k=2, capacity_factor_train=1.0, routing_groups=groups)
+    # the reference counts devices (device limit, fan-out) as the mesh's expert axis does
+    spec = MoeSpec(**{**kw, **options}, expert_devices=expert_devices)
     block = MoeBlock(D, F, spec, causal=False, rngs=nnx.Rngs(0))
     block.router.w_gate[...] = jax.random.normal(jax.random.key(7), block.router.w_gate.shape)
     block.experts.b_out[...] = jax.random.normal(jax.random.key(9), block.experts.b_out.shape)
+    if block.router.bias is not None:
+        block.router.bias[...] = 0.3 * jax.random.normal(jax.random.key(13), (E,))
     return block
 
 
@@ -70,6 +85,25 @@ def loss_fn(run, r):
     return jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True))
 
 
+def bias_update_error(graph, state, x, masks, groups, rows, aux_sharded):
+    """Loss-free balancing under expert parallelism: the bias update from the sharded layer's
+    load (a mean over the groups) against the update from the loads of the groups summed one by
+    one on a single device (Wang et al. 2024: the step's whole load). None without a bias."""
+    block = nnx.merge(graph, state)
+    if block.router.bias is None:
+        return None
+    total = 0.0
+    for g in range(groups):
+        part = {k: v[g * rows : (g + 1) * rows] for k, v in masks.items()}
+        _, a = block(x[g * rows : (g + 1) * rows], train=False, **part)
+        total = total + a.stats["choices_per_expert"]
+    bias = block.router.bias[...]
+    want = bias_update(bias, total, BIAS_RATE)
+    got = bias_update(bias, aux_sharded.stats["choices_per_expert"], BIAS_RATE)
+    assert float(jnp.max(jnp.abs(want - bias))) > 0  # the update does something
+    return float(jnp.max(jnp.abs(want - got)))
+
+
 def main():
     out = {}
     r = jax.random.normal(jax.random.key(3), (B, S, D))
@@ -78,8 +112,9 @@ def main():
         shape, options, train, with_masks = CASES[name]
         sizes = dict(zip(("data", "expert", "model"), map(int, shape.split("x"))))
         mesh = build_mesh(sizes)
-        graph, state = nnx.split(block_for(options, "batch"))  # the reference, group by group
-        graph_sharded, _ = nnx.split(block_for(options, "device"))
+        ep = sizes["expert"]
+        graph, state = nnx.split(block_for(options, "batch", ep))  # the reference, group by group
+        graph_sharded, _ = nnx.split(block_for(options, "device", ep))
         groups = sizes["data"] * sizes["expert"]
         rows = B // groups
         x, masks = arrays(with_masks)
@@ -114,6 +149,10 @@ def main():
             "stats": err(a_want.stats, a_got.stats),
             "grad": err(g_want, g_got),
             "all_to_alls": len([c for c in parse_collectives(hlo, 8) if c.kind == "all-to-all"]),
+            "dropped": float(a_got.stats["dropped_fraction"]),
+            "fanout": float(a_got.stats.get("device_fanout", jnp.nan)),  # token choice only
+            "device_limit": options.get("device_limit", 0),
+            "bias_update": bias_update_error(graph, state, x, masks, groups, rows, a_got),
             "scale": float(jnp.max(jnp.abs(y_want))),
             "grad_scale": max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(g_want)),
         }

@@ -225,3 +225,27 @@ def test_empty_directory_still_gets_a_report(tmp_path):
     md = (tmp_path / "report.md").read_text()
     assert result["tasks"] == {} and result["plots"] == {}
     assert "config.yaml: missing" in md and "metrics.jsonl: missing" in md
+
+
+def test_router_bias_and_device_fanout_reach_the_report(tmp_path):
+    run = _write_run(tmp_path / "run")
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    for line in lines:
+        for i, stats in enumerate(line.get("moe", {}).values()):
+            stats["device_fanout"] = 1.5 + i
+            stats["router_bias"] = [0.001 * line["step"], -0.002, 0.0, 0.001 * i]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    built = report.build(run)
+    assert built.experts.router_bias == {
+        LAYERS[0]: [0.004, -0.002, 0.0, 0.0],
+        LAYERS[1]: [0.004, -0.002, 0.0, 0.001],
+    }
+    assert built.experts.layers[LAYERS[1]].final_device_fanout == 2.5
+    md = (run / "report.md").read_text()
+    assert "device fan-out" in md and "Router bias (loss-free balancing), final:" in md
+    assert "| `decoder/layer_1/moe` | -0.0020 | 0.0040 | 0.004 -0.002 0.000 0.001 |" in md
+    plain = report.build(_write_run(tmp_path / "plain"))
+    assert (
+        plain.experts.router_bias == {}
+        and "Router bias" not in (tmp_path / "plain" / "report.md").read_text()
+    )
