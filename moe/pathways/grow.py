@@ -48,7 +48,7 @@ from pydantic import Field
 
 from moe import config as cfg
 from moe import config_io
-from moe.config import Section
+from moe.config_sections import Section
 from moe.data.pipeline import RunData, prepare
 from moe.errors import UserError
 from moe.pathways import surgery
