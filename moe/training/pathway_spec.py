@@ -21,7 +21,8 @@ from collections.abc import Sequence
 from moe.config import ConfigError, Experiment
 from moe.training.freeze import Rows, path_names
 
-EXPERT_LEAVES = ("w_in", "b_in", "w_out", "b_out")  # [E, ...]: experts along axis 0
+# [E, ...]: experts along axis 0 (the scales are those of a quantised bank: moe quantize)
+EXPERT_LEAVES = ("w_in", "b_in", "w_out", "b_out", "w_in_scale", "w_out_scale")
 ROUTER_LEAVES = ("w_gate", "w_noise")  # [d, E]: experts along axis 1
 
 
