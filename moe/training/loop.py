@@ -9,6 +9,7 @@ Only the primary process writes files other than its checkpoint shards.
 from __future__ import annotations
 
 import functools
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -57,15 +58,22 @@ def _prepare_run_dir(exp: cfg.Experiment, run_dir: Path, primary: bool) -> None:
         tmp.replace(saved)
 
 
-def train(exp: cfg.Experiment, run_dir: Path, *, progress: bool = True) -> rf.TrainSummary:
+def train(
+    exp: cfg.Experiment, run_dir: Path, *, progress: bool = True, teacher=None
+) -> rf.TrainSummary:
     """Train (or resume) ``exp`` in ``run_dir``, then evaluate it (``eval/summary.json``);
-    returns the train summary (also ``train_summary.json``)."""
+    returns the train summary (also ``train_summary.json``). ``teacher`` (``moe distill``: a
+    ``moe.serving.distill.Teacher``) is passed to every step, whose loss then distils it."""
     primary = jax.process_index() == 0
     say = functools.partial(print, file=sys.stderr) if primary else (lambda *a, **k: None)
+    if exp.model.weight_bits:
+        raise UserError(f"{exp.name} is a quantised model (model.weight_bits): inference only")
     _prepare_run_dir(exp, run_dir, primary)
 
     # --- Input pipeline -----------------------------------------------------------------------
     data = prepare(exp, say=say)
+    if primary:  # the run's own copy of its vocabulary (moe translate reads it)
+        shutil.copyfile(data.vocab.path, run_dir / rf.VOCAB_FILE)
 
     # --- Mesh, model and state (parameters born sharded) -----------------------------------------
     placement = Placement.for_experiment(exp)
@@ -87,8 +95,9 @@ def train(exp: cfg.Experiment, run_dir: Path, *, progress: bool = True) -> rf.Tr
     start = int(jax.device_get(state.step))
 
     # --- Update step ---------------------------------------------------------------------------
+    hook = () if teacher is None else (teacher,)  # moe distill: one more step argument
     step_fn = placement.jit_train_step(
-        make_train_step(exp, placement.graphdef, placement.optimizer, len(data.tasks))
+        make_train_step(exp, placement.graphdef, placement.optimizer, len(data.tasks)), len(hook)
     )
     key = jax.random.key(exp.train.seed)
     evaluator = Evaluator(exp, data, placement)
@@ -101,7 +110,7 @@ def train(exp: cfg.Experiment, run_dir: Path, *, progress: bool = True) -> rf.Tr
     for step in range(start, exp.train.steps):
         host = host_batch(data, step)
         batch = placement.batch(host)
-        state, metrics = step_fn(state, batch, key)
+        state, metrics = step_fn(state, batch, key, *hook)
         tokens = int((host["tgt_out"] != 0).sum()) * jax.process_count()
         # The global batch's tasks: the same on every process (each feeds only its rows).
         examples_seen += np.bincount(data.batcher.plan(step)[0], minlength=len(data.tasks))
@@ -146,7 +155,7 @@ def train(exp: cfg.Experiment, run_dir: Path, *, progress: bool = True) -> rf.Tr
     wall = time.time() - t0
 
     # --- Summary and final evaluation ----------------------------------------------------------
-    compiled = step_fn.lower(state, placement.batch(host_batch(data, 0)), key).compile()
+    compiled = step_fn.lower(state, placement.batch(host_batch(data, 0)), key, *hook).compile()
     measured = 1000 * timed_s / timed_steps if timed_steps else None
     summary = rf.TrainSummary(
         steps=exp.train.steps,

@@ -45,15 +45,21 @@ def _per_task(values_b, task_b, num_tasks):
     return jax.ops.segment_sum(values_b, task_b, num_segments=num_tasks)
 
 
-def loss_and_metrics(params, graphdef, batch, key, weights: LossWeights, num_tasks: int, train):
+def loss_and_metrics(
+    params, graphdef, batch, key, weights: LossWeights, num_tasks: int, train, teacher=None
+):
     logits, aux = _forward(graphdef, params, batch, key, train=train)
     nll, mask = token_nll(logits, batch["tgt_out"])
     tokens = jnp.maximum(mask.sum(), 1)
     ce = nll.sum() / tokens
     aux_loss = sum((a.aux_loss for a in aux.values()), jnp.float32(0))
     z_loss = sum((a.z_loss for a in aux.values()), jnp.float32(0))
-    loss = ce + weights.aux * aux_loss + weights.z * z_loss
+    # `moe distill`: a teacher (moe.serving.distill.Teacher, a pytree passed into the step)
+    # turns the CE term into alpha * CE + (1 - alpha) * T^2 * KL; `ce` stays the labels' CE.
+    fit, kd = (ce, {}) if teacher is None else teacher.objective(batch, logits, nll, mask)
+    loss = fit + weights.aux * aux_loss + weights.z * z_loss
     metrics = {
+        **kd,
         "loss": loss,
         "ce": ce,
         "aux_loss": aux_loss,
@@ -67,18 +73,21 @@ def loss_and_metrics(params, graphdef, batch, key, weights: LossWeights, num_tas
     return loss, metrics
 
 
-def grads_and_metrics(state: TrainState, graphdef, batch, key, weights, num_tasks, accum: int):
+def grads_and_metrics(
+    state: TrainState, graphdef, batch, key, weights, num_tasks, accum: int, teacher=None
+):
     """Gradients of the mean loss over ``accum`` micro-batches (a scan; 1 = one pass)."""
     grad_fn = jax.grad(loss_and_metrics, has_aux=True)
     if accum == 1:
-        return grad_fn(state.params, graphdef, batch, key, weights, num_tasks, True)
+        return grad_fn(state.params, graphdef, batch, key, weights, num_tasks, True, teacher)
     micro = jax.tree.map(lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]), batch)
 
     def body(carry, xs):
         g_sum, i = carry
         g, m = grad_fn(
-            state.params, graphdef, xs, jax.random.fold_in(key, i), weights, num_tasks, True
-        )
+            state.params, graphdef, xs, jax.random.fold_in(key, i), weights, num_tasks, True,
+            teacher,
+        )  # fmt: skip
         return (jax.tree.map(jnp.add, g_sum, g), i + 1), m
 
     zeros = jax.tree.map(jnp.zeros_like, state.params)
@@ -92,12 +101,24 @@ def grads_and_metrics(state: TrainState, graphdef, batch, key, weights, num_task
 
 
 def train_step(
-    state: TrainState, batch, key, *, graphdef, optimizer, weights, num_tasks, accum: int = 1
+    state: TrainState,
+    batch,
+    key,
+    teacher=None,
+    *,
+    graphdef,
+    optimizer,
+    weights,
+    num_tasks,
+    accum: int = 1,
 ) -> tuple[TrainState, dict[str, Any]]:
     """One optimizer step. A non-finite loss or gradient skips the update and is counted
-    (``bad_steps`` consecutive, ``skipped`` total); the loop stops after too many."""
+    (``bad_steps`` consecutive, ``skipped`` total); the loop stops after too many.
+    ``teacher``: see ``loss_and_metrics`` (``moe distill``); None trains on the labels."""
     key = jax.random.fold_in(key, state.step)
-    grads, metrics = grads_and_metrics(state, graphdef, batch, key, weights, num_tasks, accum)
+    grads, metrics = grads_and_metrics(
+        state, graphdef, batch, key, weights, num_tasks, accum, teacher
+    )
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
     updates, new_opt = optimizer.update(grads, state.opt_state, state.params)
