@@ -147,9 +147,10 @@ def distill(
     progress: bool = False,
     say: Callable[..., None] = lambda *a, **k: None,
 ) -> rf.TrainSummary:
-    """Train ``student`` in ``out`` distilled from the run ``teacher_dir`` (module docstring);
-    a second call with the same arguments resumes it."""
+    """Train ``student`` (renamed ``out.name``) in ``out`` distilled from the run
+    ``teacher_dir`` (module docstring); a second call with the same arguments resumes it."""
     teacher_dir, out = Path(teacher_dir), Path(out)
+    student = student.model_copy(update={"name": out.name})  # the run is named by its directory
     if not 0.0 <= alpha <= 1.0 or temperature <= 0:
         raise UserError(f"--alpha {alpha} must be in [0, 1] and --temperature {temperature} > 0")
     before, problem = rf.read_json(out / INFO, rf.DistillInfo)
