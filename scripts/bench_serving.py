@@ -14,7 +14,9 @@ Per model (any subset of the four; they must share the pod's device count):
   ``Evaluator.decode_ids`` on one ``eval.batch_size`` batch of the float run's first translate
   task (``--task``), after one untimed call each; ``--rounds`` timed calls per model go
   round-robin over the models so that load changes hit them alike; median of the rates
-  (``moe.serving.speed.decode_rates``); the run's own decoding settings;
+  (``moe.serving.speed.decode_rates``); the run's own decoding settings. Tokens/s depends on
+  the outputs' lengths (the loop runs until the longest row ends), so ``decode_ms_per_step``
+  (time per decoder position; "speed vs float" in the table) compares different models;
 - ``peak_rss_mb`` (``--rss``): peak resident memory of a fresh process that restores the run
   and decodes the batch once. It includes the JAX runtime and compiled programs, so compare
   differences between rows, not the absolute numbers.
@@ -118,8 +120,19 @@ def rss_child(run: str, src_file: str) -> int:
     Evaluator(restored.exp, None, restored.placement).decode_ids(
         restored.params, data["src"], int(data["task"])
     )
-    print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    print(json.dumps({"peak_rss_mb": peak_rss_mb()}))
     return 0
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory: VmHWM (Linux: the high-water mark of this
+    program's memory, reset by exec), else ru_maxrss (which on Linux may keep the parent's)."""
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def peak_rss(run: Path, src: np.ndarray, task: int, tmp: Path) -> float:
@@ -208,7 +221,9 @@ def bench(runs: dict[str, Path], args, tmp: Path) -> int:
             "param_bytes": speed.param_bytes(r.params),
             "expert_bytes": speed.param_bytes(r.params, experts_only=True),
             "decode_tokens_per_second": rates[name].tokens_per_second,
+            "decode_ms_per_step": rates[name].ms_per_step,
             "decode_tokens": rates[name].tokens,
+            "decode_steps": rates[name].steps,
             "decode_seconds": list(rates[name].seconds),
         }
         if args.rss:
@@ -237,14 +252,15 @@ def table(rows: dict, mm: dict, setting: dict) -> str:
     lines = [
         f"decode of {setting['rows']} `{setting['task']}` sources, {setting['rounds']} rounds",
         f"{'model':8s} {'params MB':>10s} {'experts MB':>11s} {'tokens/s':>10s} "
-        f"{'vs float':>9s} {'peak RSS MB':>12s}",
+        f"{'ms/step':>8s} {'steps':>6s} {'speed vs float':>15s} {'peak RSS MB':>12s}",
     ]
     for name, r in rows.items():
-        vs = r["decode_tokens_per_second"] / base["decode_tokens_per_second"] if base else 1.0
+        vs = base["decode_ms_per_step"] / r["decode_ms_per_step"] if base else 1.0
         rss = f"{r['peak_rss_mb']:12.0f}" if "peak_rss_mb" in r else f"{'-':>12s}"
         lines.append(
             f"{name:8s} {r['param_bytes'] / 2**20:10.3f} {r['expert_bytes'] / 2**20:11.3f} "
-            f"{r['decode_tokens_per_second']:10.0f} {vs:8.2f}x {rss}"
+            f"{r['decode_tokens_per_second']:10.0f} {r['decode_ms_per_step']:8.2f} "
+            f"{r['decode_steps']:6d} {vs:14.2f}x {rss}"
         )
     e, c, d, f = setting["matmul_shape"]
     lines.append(f"expert matmul [{e},{c},{d}]x[{e},{d},{f}] ms: " + ", ".join(

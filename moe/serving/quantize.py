@@ -106,7 +106,9 @@ def quantize_run(
     parent = restore(run_dir, step)
     exp = parent.exp
     if exp.model.weight_bits:
-        raise UserError(f"{run_dir} is already quantised (model.weight_bits={bits})")
+        raise UserError(
+            f"{run_dir} is already quantised (model.weight_bits={exp.model.weight_bits})"
+        )
     if out.resolve() == run_dir.resolve():
         raise UserError("--out must be a new directory, not the run itself")
     qexp = quantized_experiment(exp, bits, dense, name=out.name)

@@ -35,16 +35,25 @@ def param_bytes(params: Any, *, experts_only: bool = False) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class DecodeRate:
+    """Decode speed of one model on one batch. Tokens per second depends on how long the
+    outputs are (the loop runs until the longest row ends); ``ms_per_step``, the time per
+    decoder position, compares models whose outputs differ."""
+
     tokens_per_second: float  # median over rounds
     tokens: int  # generated per call
+    steps: int  # decoder positions per call: the longest row's length
     seconds: tuple[float, ...]  # wall time of each timed call
 
+    @property
+    def ms_per_step(self) -> float:
+        return 1e3 * statistics.median(self.seconds) / max(self.steps, 1)
 
-def generated_tokens(ids: np.ndarray, eos_id: int) -> int:
-    """Tokens a decoder produced in ``ids [N, L]``: up to and including each row's eos."""
+
+def generated_tokens(ids: np.ndarray, eos_id: int) -> np.ndarray:
+    """Tokens each row of ``ids [N, L]`` holds up to and including its eos, ``int[N]``."""
     ids = np.asarray(ids)
     ended = np.cumsum(ids == eos_id, axis=1) - (ids == eos_id)  # eos seen before position
-    return int(((ids != 0) & (ended == 0)).sum())
+    return ((ids != 0) & (ended == 0)).sum(axis=1)
 
 
 def decode_rates(
@@ -57,7 +66,7 @@ def decode_rates(
 ) -> dict[str, DecodeRate]:
     """Decode ``src int32[N, Ls]`` as task ``task`` with each ``name: (evaluator, params)``:
     one untimed call each, then ``rounds`` timed calls each, interleaved."""
-    tokens = {
+    rows = {
         n: generated_tokens(ev.decode_ids(p, src, task), eos_id) for n, (ev, p) in models.items()
     }
     seconds: dict[str, list[float]] = {n: [] for n in models}
@@ -68,8 +77,9 @@ def decode_rates(
             seconds[name].append(time.perf_counter() - start)
     return {
         n: DecodeRate(
-            statistics.median(tokens[n] / max(s, 1e-9) for s in seconds[n]),
-            tokens[n],
+            statistics.median(int(rows[n].sum()) / max(s, 1e-9) for s in seconds[n]),
+            int(rows[n].sum()),
+            int(rows[n].max(initial=0)),
             tuple(seconds[n]),
         )
         for n in models

@@ -78,12 +78,12 @@ class Translator:
         ti = task_index(exp, task)
         if beam is not None and beam < 1:
             raise UserError(f"--beam {beam} must be >= 1")
+        restored = restore(run_dir, step)
         vocab = run_vocab(run_dir, exp, say)
         tag = task_tag(task_specs(exp)[ti])
         tag_id = vocab.piece_to_id(tag)
         if tag_id == UNK_ID:
             raise UserError(f"{run_dir}: the vocabulary has no task tag {tag} (a different run's?)")
-        restored = restore(run_dir, step)
         if beam is not None:  # the decoder closes over exp.eval: a fresh placement per Translator
             ev = restored.exp.eval.model_copy(update={"beam_size": beam})
             exp = restored.exp.model_copy(update={"eval": ev})

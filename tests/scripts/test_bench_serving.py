@@ -19,6 +19,7 @@ def test_bench_serving_quick_writes_a_row_per_model(tmp_path, capsys):
     assert list(models) == ["float", "int8", "student", "dense"]
     for row in models.values():
         assert row["decode_tokens_per_second"] > 0 and row["param_bytes"] > 0
+        assert row["decode_ms_per_step"] > 0 and 0 < row["decode_steps"] <= 12
     assert models["int8"]["expert_bytes"] < 0.3 * models["float"]["expert_bytes"]
     assert models["student"]["expert_bytes"] == 0
     assert models["student"]["param_bytes"] == models["dense"]["param_bytes"]

@@ -17,8 +17,8 @@ from moe.training.restore import restore
 
 
 def test_generated_tokens_count_up_to_and_including_eos():
-    ids = [[5, 6, 3, 0, 0], [7, 3, 0, 0, 0], [8, 9, 10, 11, 12]]
-    assert speed.generated_tokens(jnp.asarray(ids), eos_id=3) == 3 + 2 + 5
+    ids = [[5, 6, 3, 0, 0], [7, 3, 0, 0, 0], [8, 9, 10, 11, 12], [4, 3, 6, 3, 0]]
+    assert speed.generated_tokens(jnp.asarray(ids), eos_id=3).tolist() == [3, 2, 5, 2]
 
 
 @pytest.mark.slow
