@@ -21,8 +21,7 @@ from collections.abc import Sequence
 from moe.config import ConfigError, Experiment
 from moe.training.freeze import Rows, path_names
 
-# [E, ...]: experts along axis 0 (the scales are those of a quantised bank: moe quantize)
-EXPERT_LEAVES = ("w_in", "b_in", "w_out", "b_out", "w_in_scale", "w_out_scale")
+EXPERT_LEAVES = ("w_in", "b_in", "w_out", "b_out")  # [E, ...]: experts along axis 0
 ROUTER_LEAVES = ("w_gate", "w_noise")  # [d, E]: experts along axis 1
 
 
