@@ -1,4 +1,5 @@
-"""`moe` command line: train | eval | report | config | launch | pod | pathways | extract | grow.
+"""`moe` command line: train | eval | report | config | launch | pod | pathways | extract | grow |
+translate | quantize | distill.
 
 This is the only module that reads argv and the environment. It sets up the simulated pod's
 virtual devices *before* JAX is imported, so nothing heavy is imported at module level here.
@@ -80,6 +81,7 @@ def _parser() -> argparse.ArgumentParser:
     la.add_argument("overrides", nargs="*")
 
     _pathway_parsers(sub)
+    _serving_parsers(sub)
 
     pod = sub.add_parser("pod", help="pod slices and projected step times")
     psub = pod.add_subparsers(dest="pod_command", metavar="ACTION", required=True)
@@ -146,6 +148,54 @@ def _preload_tcmalloc(argv: list[str]) -> None:
     os.execve(
         sys.executable, [sys.executable, "-m", "moe.cli", *argv], {**env, "LD_PRELOAD": preload}
     )
+
+
+def _serving_parsers(sub) -> None:
+    tr = sub.add_parser(
+        "translate",
+        help="translate lines from stdin with a trained run (an lm task continues them)",
+        description="Read sentences from stdin, one per line, and print one output per line on "
+        "stdout (notes on stderr): the translation for a translate task, the line continued "
+        "for an lm task. Uses the run's vocabulary and eval decoding settings.",
+    )
+    tr.add_argument("run_dir")
+    tr.add_argument("--task", required=True, help="task name")
+    tr.add_argument("--step", type=int, help="checkpoint step (default: latest)")
+    tr.add_argument("--beam", type=int, help="beam size (default: the run's eval.beam_size)")
+
+    q = sub.add_parser(
+        "quantize",
+        help="store a run's expert weights as 8- or 4-bit integers (inference only)",
+        description="Write OUT, a run whose expert kernels (with --dense also attention and "
+        "dense feed-forward kernels) are integers with per-output-channel scales; evaluate it "
+        "next to the float run and record bytes, decode speed, perplexity and BLEU in "
+        "OUT/serving.json and the report.",
+    )
+    q.add_argument("run_dir")
+    q.add_argument("--bits", type=int, default=8, help="8 or 4 (default 8)")
+    q.add_argument("--out", required=True, help="output run directory")
+    q.add_argument("--dense", action="store_true", help="also attention and dense FFN kernels")
+    q.add_argument("--step", type=int, help="checkpoint step (default: latest)")
+
+    d = sub.add_parser(
+        "distill",
+        help="train a (dense) student on a trained run's soft outputs",
+        description="Train the student experiment STUDENT.yaml (key.path=value overrides "
+        "allowed) in OUT with alpha*CE(labels) + (1-alpha)*T^2*KL(teacher_T || student_T), "
+        "the teacher being RUN_DIR in evaluation mode. Re-run the same command to resume.",
+    )
+    d.add_argument("run_dir", help="the trained teacher run")
+    d.add_argument("--student", required=True, help="student experiment YAML")
+    d.add_argument("overrides", nargs="*", help="key.path=value overrides of the student")
+    d.add_argument("--out", required=True, help="the student's run directory")
+    d.add_argument("--alpha", type=float, default=0.75, help="weight of the labels (0.75)")
+    d.add_argument("--temperature", type=float, default=1.0, help="softmax temperature T (1)")
+    d.add_argument("--step", type=int, help="teacher checkpoint step (default: latest)")
+    d.add_argument(
+        "--init-from-teacher", action="store_true",
+        help="start from the teacher's weights where the shapes match (Switch §4.2)",
+    )  # fmt: skip
+    d.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -228,6 +278,8 @@ def _dispatch(args, argv: list[str]) -> int:
         return 0
     if args.command in ("pathways", "extract", "grow"):
         return _pathway_command(args)
+    if args.command in ("translate", "quantize", "distill"):
+        return _serving_command(args, argv)
     if args.command == "pod":
         overrides = list(args.overrides)
         if args.slice:  # compile for the target slice's device count, same expert axis
@@ -304,6 +356,55 @@ def _pathway_command(args) -> int:
     unknown = sum(r["identical"] is None for r in rows.values())
     note = f" ({unknown} not comparable: eval settings differ)" if unknown else ""
     print(f"grown run {run_dir}: {same}/{len(rows)} old task(s) evaluate bit-identically{note}")
+    return 0
+
+
+def _serving_command(args, argv: list[str]) -> int:
+    """`moe translate | quantize | distill` (moe.serving)."""
+    exp = _run_config(args.run_dir)
+    say = lambda *a, **k: print(*a, file=sys.stderr, **k)
+    if args.command == "translate":
+        if args.task not in [t.name for t in exp.tasks]:
+            names = ", ".join(t.name for t in exp.tasks)
+            raise UserError(f"no task named {args.task!r} in {args.run_dir} (tasks: {names})")
+        if sys.stdin.isatty():
+            say("moe: reading lines from stdin (end with Ctrl-D)")
+        lines = sys.stdin.read().splitlines()
+        if not any(line.strip() for line in lines):
+            raise UserError("no input: give the sentences on stdin, one per line")
+        _start_jax(exp)
+        from moe.serving.translate import Translator
+
+        tr = Translator.load(Path(args.run_dir), args.task, step=args.step, beam=args.beam, say=say)
+        for chunk in tr.stream(lines, say):
+            print(chunk, flush=True)
+        return 0
+    if args.command == "quantize":
+        _start_jax(exp)
+        from moe.serving.quantize import describe, quantize_run
+
+        summary = quantize_run(
+            Path(args.run_dir), Path(args.out), bits=args.bits, dense=args.dense, step=args.step,
+            say=say,
+        )  # fmt: skip
+        _report(Path(args.out))
+        print(describe(summary, args.out))
+        return 0
+    student = _load(args.student, args.overrides)
+    if student.pod.processes > 1 and _launched_ranks() == 1:
+        from moe.parallel.distributed import launch
+
+        say(f"moe: launching {student.pod.processes} processes with mpirun")
+        return launch(student.pod.processes, argv)
+    _start_jax(student)
+    from moe.serving.distill import distill
+
+    distill(
+        Path(args.run_dir), student, Path(args.out), alpha=args.alpha,
+        temperature=args.temperature, step=args.step, init_from_teacher=args.init_from_teacher,
+        progress=not args.no_progress and sys.stderr.isatty(), say=say,
+    )  # fmt: skip
+    _report(Path(args.out))
     return 0
 
 

@@ -32,6 +32,14 @@ class ModelConfig(Section):
     vocab_size: int = Field(4000, ge=64, description="Sentencepiece vocabulary size.")
     max_source_length: int = Field(48, gt=0, description="Source tokens kept per example.")
     max_target_length: int = Field(48, gt=1, description="Target tokens kept per example.")
+    weight_bits: Literal[0, 4, 8] = Field(
+        0,
+        description="Inference only, written by `moe quantize`: expert kernels stored as 8- or "
+        "4-bit integers with per-channel scales; 0 = float.",
+    )
+    quantize_dense: bool = Field(
+        False, description="With weight_bits: also the attention and dense feed-forward kernels."
+    )
 
 
 RoutingInput = Literal["token", "task", "token+task"]

@@ -4,6 +4,9 @@ reads them back.
     train_summary.json   TrainSummary   written by the training loop at the end of a run
     eval/summary.json    EvalSummary    written by the final evaluation (moe train / moe eval)
     metrics.jsonl        TrainLine / EvalLine, one JSON object a line
+    vocab.model          the run's SentencePiece vocabulary (a copy; ``moe translate`` reads it)
+    serving.json         ServingSummary written by ``moe quantize`` (quantised vs float model)
+    distill.json         DistillInfo    written by ``moe distill`` (the teacher, alpha, T)
     report.json          Report         written by ``moe.report.build``
 
 Every field has a default, so a file written by an older version (or cut short) still reads;
@@ -34,6 +37,9 @@ Count = Annotated[int | None, BeforeValidator(_finite)]
 
 class RunFile(BaseModel):
     model_config = ConfigDict(extra="ignore")
+
+
+VOCAB_FILE = "vocab.model"
 
 
 M = TypeVar("M", bound=BaseModel)
@@ -147,6 +153,46 @@ class EvalSummary(RunFile):
     tasks: dict[str, TaskEval] = Field(default_factory=dict)
     # {layer: {task: fraction of the task's routed tokens per expert [E]}}
     expert_usage: dict[str, dict[str, list[float]]] = Field(default_factory=dict)
+
+
+# --- serving.json (moe quantize) and distill.json (moe distill) ------------------------------
+
+
+class ServingTask(RunFile):
+    kind: str | None = None
+    float_perplexity: Number = None
+    perplexity: Number = None
+    float_bleu: Number = None
+    bleu: Number = None
+
+
+class ServingSummary(RunFile):
+    """A quantised run next to the float run it came from (same checkpoint step and split)."""
+
+    parent: str = ""  # the float run directory
+    step: Count = None
+    bits: Count = None
+    quantize_dense: bool = False
+    split: str | None = None
+    expert_bytes: Count = None  # expert banks: integer kernels + scales + biases
+    float_expert_bytes: Count = None
+    total_bytes: Count = None  # every parameter
+    float_total_bytes: Count = None
+    decode_task: str | None = None  # the task whose sources were decoded for the speed
+    decode_tokens_per_second: Number = None
+    float_decode_tokens_per_second: Number = None
+    tasks: dict[str, ServingTask] = Field(default_factory=dict)
+
+
+class DistillInfo(RunFile):
+    """How a student run was distilled: ``alpha * CE + (1 - alpha) * T^2 * KL``."""
+
+    teacher: str = ""  # the teacher's run directory
+    teacher_step: Count = None
+    alpha: Number = None
+    temperature: Number = None
+    init_from_teacher: bool = False
+    teacher_tasks: dict[str, EvalMetrics] = Field(default_factory=dict)  # its final evaluation
 
 
 # --- metrics.jsonl --------------------------------------------------------------------------
@@ -279,6 +325,8 @@ class Report(RunFile):
     experts: ReportExperts = Field(default_factory=ReportExperts)
     pod: ReportPod = Field(default_factory=ReportPod)
     pathways: ReportPathways | None = None
+    serving: ServingSummary | None = None  # serving.json (moe quantize)
+    distill: DistillInfo | None = None  # distill.json (moe distill)
     plots: dict[str, str] = Field(default_factory=dict)
     problems: list[str] = Field(default_factory=list)
 

@@ -44,6 +44,7 @@ LAYERS = [
     ["moe.data", "moe.eval"],  # input pipeline; decoding and BLEU
     ["moe.training"],  # the experiment becomes objects and trains
     ["moe.pathways"],  # surgery on trained runs: extract, grow, learned pathways
+    ["moe.serving"],  # serving a trained run: translate, quantize, distill, their costs
     ["moe.report"],  # documents from a run directory
     ["moe.cli"],
 ]

@@ -36,6 +36,7 @@ __all__ = [
     "build_tasks",
     "prepare",
     "split_of",
+    "task_specs",
     "task_tag",
 ]
 
@@ -255,11 +256,16 @@ class RunData:
         return [e.src for e in examples], [e.tgt for e in examples], tokens
 
 
-def prepare(exp: Experiment, say: Callable[..., None] = print) -> RunData:
-    specs = [
+def task_specs(exp: Experiment) -> list[TaskSpec]:
+    """The experiment's tasks as TaskSpecs (``task_tag`` of one gives its tag in the vocabulary)."""
+    return [
         TaskSpec(t.name, t.kind, t.source, weight=t.weight, max_examples=t.max_examples)
         for t in exp.tasks
     ]
+
+
+def prepare(exp: Experiment, say: Callable[..., None] = print) -> RunData:
+    specs = task_specs(exp)
 
     def build():
         return build_tasks(

@@ -103,6 +103,20 @@ def greedy_decode(
     return buf[:, 1:]
 
 
+def force_prefix(logits: jax.Array, prefix: jax.Array, pad_id: int = 0) -> jax.Array:
+    """``logits [N, L, V]`` with position ``t`` pinned to token ``prefix[n, t]`` (log-prob 0,
+    every other token -inf) wherever ``prefix int32[N, P]`` (``P <= L``, right-padded with
+    ``pad_id``) has one: wrapped around a ``decode_fn``, both decoders then emit each row's
+    prefix before choosing tokens themselves (continuing a text). The pinned tokens add 0 to a
+    beam's score, so beams compete on the continuation only."""
+    length, vocab = logits.shape[1], logits.shape[2]
+    width = min(prefix.shape[1], length)
+    p = jnp.pad(prefix[:, :length], ((0, 0), (0, length - width)), constant_values=pad_id)
+    p = jnp.where(p == pad_id, -1, p)  # [N, L]; -1 = not pinned
+    pinned = jnp.where(jnp.arange(vocab) == p[..., None], 0.0, -jnp.inf).astype(logits.dtype)
+    return jnp.where((p >= 0)[..., None], pinned, logits)
+
+
 # Beam search
 
 

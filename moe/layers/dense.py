@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from moe.layers import quant
 from moe.layers.params import param
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
@@ -52,6 +53,7 @@ class DenseFFN(nnx.Module):
     ``w_out [f, d]`` ('mlp', 'embed'), ``b_out [d]`` ('embed',). The matmuls run in ``dtype``
     (bfloat16 allowed); the output has the input's dtype. ``dropout`` applies to the hidden
     activation in training and draws from the ``dropout`` stream of the call's ``rngs``.
+    ``weight_bits`` (8 or 4, inference only) stores the kernels quantised (``moe.layers.quant``).
     """
 
     def __init__(
@@ -63,6 +65,7 @@ class DenseFFN(nnx.Module):
         dropout: float = 0.0,
         dtype: jnp.dtype = jnp.float32,
         init_scale: float = 0.1,
+        weight_bits: int = 0,
         rngs: nnx.Rngs,
     ):
         activation_fn(activation)  # validates the name early
@@ -70,17 +73,18 @@ class DenseFFN(nnx.Module):
         self.dropout_rate = dropout
         self.dtype = dtype
         init = kernel_init(init_scale)
-        self.w_in = param(init(rngs.params(), (d_model, d_ff)), ("embed", "mlp"))
+        q = dict(bits=weight_bits, in_axes=(0,))
+        quant.set_kernel(self, "w_in", init(rngs.params(), (d_model, d_ff)), ("embed", "mlp"), **q)
         self.b_in = param(jnp.zeros((d_ff,)), ("mlp",))
-        self.w_out = param(init(rngs.params(), (d_ff, d_model)), ("mlp", "embed"))
+        quant.set_kernel(self, "w_out", init(rngs.params(), (d_ff, d_model)), ("mlp", "embed"), **q)
         self.b_out = param(jnp.zeros((d_model,)), ("embed",))
 
     def __call__(self, x: jax.Array, *, train: bool, rngs: nnx.Rngs | None = None) -> jax.Array:
         """``x [..., d] -> [..., d]`` in ``x.dtype``."""
         dt = self.dtype
-        h = jnp.dot(x.astype(dt), self.w_in[...].astype(dt)) + self.b_in[...].astype(dt)
+        h = jnp.dot(x.astype(dt), quant.weight(self, "w_in", dt)) + self.b_in[...].astype(dt)
         h = activation_fn(self.activation)(h)  # [..., f]
         if train and self.dropout_rate > 0.0:
             h = apply_dropout(h, self.dropout_rate, rngs.dropout() if rngs is not None else None)
-        y = jnp.dot(h, self.w_out[...].astype(dt)) + self.b_out[...].astype(dt)
+        y = jnp.dot(h, quant.weight(self, "w_out", dt)) + self.b_out[...].astype(dt)
         return y.astype(x.dtype)

@@ -13,8 +13,16 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from moe.layers import quant
 from moe.layers.dense import activation_fn, apply_dropout
 from moe.layers.params import param
+
+# A bank's kernels contract over axis 1 ([E, d, f], [E, f, d]): the axis quantised weights pack.
+_IN_AXIS = 1
+
+
+def _kernel(w: jax.Array, scale: jax.Array | None, dtype) -> jax.Array:
+    return w.astype(dtype) if scale is None else quant.dequantize(w, scale, _IN_AXIS, dtype)
 
 
 def apply_experts(
@@ -28,6 +36,8 @@ def apply_experts(
     dtype: jnp.dtype = jnp.float32,
     dropout: float = 0.0,
     dropout_key: jax.Array | None = None,
+    w_in_scale: jax.Array | None = None,
+    w_out_scale: jax.Array | None = None,
 ) -> jax.Array:
     """Run expert ``e`` on every row of ``buffers[e]``.
 
@@ -42,16 +52,18 @@ def apply_experts(
       dropout: expert dropout on the hidden activation (Switch §2.4 uses 0.4 for fine-tuning);
         applied only when ``dropout_key`` is given.
       dropout_key: PRNG key for the dropout mask, or None (no dropout: evaluation).
+      w_in_scale, w_out_scale: ``[E', 1, f]``, ``[E', 1, d]`` when ``w_in``/``w_out`` are stored
+        quantised (int8, or packed uint8 at 4 bits; ``moe.layers.quant``), else None.
 
     Returns:
       ``[E', C, d]`` expert outputs in ``dtype``.
     """
     x = buffers.astype(dtype)
-    h = jnp.einsum("ecd,edf->ecf", x, w_in.astype(dtype))  # [E', C, f]
+    h = jnp.einsum("ecd,edf->ecf", x, _kernel(w_in, w_in_scale, dtype))  # [E', C, f]
     h = activation_fn(activation)(h + b_in.astype(dtype)[:, None, :])
     if dropout_key is not None:
         h = apply_dropout(h, dropout, dropout_key)
-    y = jnp.einsum("ecf,efd->ecd", h, w_out.astype(dtype))  # [E', C, d]
+    y = jnp.einsum("ecf,efd->ecd", h, _kernel(w_out, w_out_scale, dtype))  # [E', C, d]
     return y + b_out.astype(dtype)[:, None, :]
 
 
@@ -61,7 +73,8 @@ class ExpertBank(nnx.Module):
     Parameters (float32, logical axes): ``w_in [E, d, f]`` ('expert', 'embed', 'mlp'),
     ``b_in [E, f]`` ('expert', 'mlp'), ``w_out [E, f, d]`` ('expert', 'mlp', 'embed'),
     ``b_out [E, d]`` ('expert', 'embed'). Kernels use the Switch reduced-scale init (§2.4),
-    fan-in per expert.
+    fan-in per expert. With ``weight_bits`` (8 or 4) the kernels are the quantisation of that
+    init and ``w_in_scale [E, 1, f]``, ``w_out_scale [E, 1, d]`` join them (inference only).
     """
 
     def __init__(
@@ -74,6 +87,7 @@ class ExpertBank(nnx.Module):
         dropout: float = 0.0,
         dtype: jnp.dtype = jnp.float32,
         init_scale: float = 0.1,
+        weight_bits: int = 0,
         rngs: nnx.Rngs,
     ):
         activation_fn(activation)  # validates the name early
@@ -84,10 +98,25 @@ class ExpertBank(nnx.Module):
             init_scale, "fan_in", "truncated_normal", in_axis=-2, out_axis=-1, batch_axis=(0,)
         )
         e, d, f = num_experts, d_model, d_ff
-        self.w_in = param(init(rngs.params(), (e, d, f)), ("expert", "embed", "mlp"))
+        q = dict(bits=weight_bits, in_axes=(_IN_AXIS,))
+        quant.set_kernel(
+            self, "w_in", init(rngs.params(), (e, d, f)), ("expert", "embed", "mlp"), **q
+        )
         self.b_in = param(jnp.zeros((e, f)), ("expert", "mlp"))
-        self.w_out = param(init(rngs.params(), (e, f, d)), ("expert", "mlp", "embed"))
+        quant.set_kernel(
+            self, "w_out", init(rngs.params(), (e, f, d)), ("expert", "mlp", "embed"), **q
+        )
         self.b_out = param(jnp.zeros((e, d)), ("expert", "embed"))
+
+    @property
+    def param_names(self) -> tuple[str, ...]:
+        """The bank's parameters: w_in, b_in, w_out, b_out (+ the scales when quantised)."""
+        names = ("w_in", "w_in_scale", "b_in", "w_out", "w_out_scale", "b_out")
+        return tuple(n for n in names if hasattr(self, n))
+
+    def scales(self) -> dict[str, jax.Array]:
+        """``{"w_in_scale": ..., "w_out_scale": ...}`` of a quantised bank, else ``{}``."""
+        return {n: getattr(self, n)[...] for n in ("w_in_scale", "w_out_scale") if hasattr(self, n)}
 
     @property
     def num_experts(self) -> int:
@@ -113,4 +142,5 @@ class ExpertBank(nnx.Module):
             dtype=self.dtype,
             dropout=self.dropout_rate,
             dropout_key=key,
+            **self.scales(),
         )

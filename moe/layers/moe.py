@@ -84,6 +84,8 @@ class MoeSpec:
       capacity_experts: compute the capacity as if the layer had this many experts (0: its
         own count); a grown or extracted model keeps its original count, so a task routed
         over the same experts drops the same tokens (``moe grow`` / ``moe extract``).
+      weight_bits: 0 (float experts) or 8 / 4: the expert kernels stored quantised, inference
+        only (``moe quantize``; ``moe.layers.quant``).
     """
 
     num_experts: int
@@ -109,6 +111,7 @@ class MoeSpec:
     activation: str = "gelu"
     routing_groups: str = "batch"
     capacity_experts: int = 0
+    weight_bits: int = 0
 
     def __post_init__(self):
         if self.routing_groups not in ROUTING_GROUPS:
@@ -185,6 +188,7 @@ class MoeBlock(nnx.Module):
             activation=spec.activation,
             dropout=spec.expert_dropout,
             dtype=dtype,
+            weight_bits=spec.weight_bits,
             rngs=rngs,
         )
         self.shared = (
@@ -334,7 +338,7 @@ class MoeBlock(nnx.Module):
             keys["router"] = rngs.router()
         if train and rngs is not None and bank.dropout_rate > 0:
             keys["dropout"] = rngs.dropout()
-        names = ("w_in", "b_in", "w_out", "b_out")
+        names = bank.param_names  # with w_in_scale, w_out_scale when quantised (moe quantize)
         variables = {n: getattr(bank, n) for n in names}
         params = {n: v[...] for n, v in variables.items()}
         specs = {
@@ -356,6 +360,7 @@ class MoeBlock(nnx.Module):
                 p["w_in"], p["b_in"], p["w_out"], b_out, recv,
                 activation=bank.activation, dtype=bank.dtype, dropout=bank.dropout_rate,
                 dropout_key=keys_l.get("dropout"),
+                w_in_scale=p.get("w_in_scale"), w_out_scale=p.get("w_out_scale"),
             )  # fmt: skip
             if split_hidden:  # partial sums over the hidden units of this model shard
                 y = psum_model(y) + p["b_out"].astype(y.dtype)[:, None, :]

@@ -55,6 +55,9 @@ class TransformerSpec:
     # (layer, mask) pairs, mask[task][expert] True where the task may use the expert; layers not
     # listed let every task use every expert.
     pathways: tuple[tuple[str, tuple[tuple[bool, ...], ...]], ...] = ()
+    # Inference only (`moe quantize`): attention and dense feed-forward kernels stored with this
+    # many bits (0 = float; the expert banks follow their MoeSpec.weight_bits).
+    dense_weight_bits: int = 0
 
     def __post_init__(self):
         for mode in self.routing_input:
@@ -143,11 +146,16 @@ class Block(nnx.Module):
     ):
         d, dt = spec.d_model, jnp.dtype(spec.dtype)
         self.dropout = spec.dropout
+        bits = spec.dense_weight_bits
         self.ln_self = nnx.LayerNorm(d, rngs=rngs)
-        self.self_attn = Attention(d, spec.num_heads, dropout=spec.dropout, dtype=dt, rngs=rngs)
+        self.self_attn = Attention(
+            d, spec.num_heads, dropout=spec.dropout, dtype=dt, rngs=rngs, weight_bits=bits
+        )
         self.ln_cross = nnx.LayerNorm(d, rngs=rngs) if cross else None
         self.cross_attn = (
-            Attention(d, spec.num_heads, dropout=spec.dropout, dtype=dt, rngs=rngs)
+            Attention(
+                d, spec.num_heads, dropout=spec.dropout, dtype=dt, rngs=rngs, weight_bits=bits
+            )
             if cross
             else None
         )
@@ -158,8 +166,9 @@ class Block(nnx.Module):
             self.ffn = block(d, spec.d_ff, moe, causal=causal, dtype=dt, rngs=rngs)
         else:
             self.ffn = DenseFFN(
-                d, spec.d_ff, activation=spec.activation, dropout=spec.dropout, dtype=dt, rngs=rngs
-            )
+                d, spec.d_ff, activation=spec.activation, dropout=spec.dropout, dtype=dt,
+                weight_bits=bits, rngs=rngs,
+            )  # fmt: skip
 
     def _drop(self, y, train, rngs):
         if not train or self.dropout == 0 or rngs is None:

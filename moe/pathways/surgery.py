@@ -30,6 +30,8 @@ from moe.training.checkpoint import Checkpointer
 from moe.training.freeze import path_names
 from moe.training.pathway_spec import EXPERT_LEAVES, ROUTER_LEAVES
 
+QUANT_SCALES = ("w_in_scale", "w_out_scale")  # [E, 1, ...] of a quantised bank (moe quantize)
+
 
 def check_supported(exp: cfg.Experiment, command: str) -> None:
     """User error for routing that surgery cannot carry over: the router biases of loss-free
@@ -53,7 +55,7 @@ def expert_axis(path: tuple) -> tuple[str, int] | None:
     if len(names) != 5 or names[2] != "ffn":
         return None
     layer = f"{names[0]}/{names[1]}"
-    if names[3] == "experts" and names[4] in EXPERT_LEAVES:
+    if names[3] == "experts" and names[4] in (*EXPERT_LEAVES, *QUANT_SCALES):
         return layer, 0
     if names[3] == "router" and names[4] in ROUTER_LEAVES:
         return layer, 1

@@ -3,9 +3,10 @@
 Inputs (the typed files of ``moe.runfiles``; any may be missing or incomplete, and the report
 then says "n/a" instead of failing): ``config.yaml``, ``metrics.jsonl`` (train and eval lines),
 ``eval/summary.json`` (final evaluation: perplexity, BLEU, decoded examples, per-task expert
-usage) and ``train_summary.json`` (throughput, examples seen, data counts, pod measurement and
-projection). ``report.json`` is a ``moe.runfiles.Report``; the markdown is rendered from it by
-``moe.report.markdown``.
+usage), ``train_summary.json`` (throughput, examples seen, data counts, pod measurement and
+projection), and ``serving.json`` / ``distill.json`` where ``moe quantize`` / ``moe distill``
+wrote them (``moe.report.serving``). ``report.json`` is a ``moe.runfiles.Report``; the
+markdown is rendered from it by ``moe.report.markdown``.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 import yaml
 
 from moe import runfiles as rf
-from moe.report import markdown, pathways, plots
+from moe.report import markdown, pathways, plots, serving
 
 PLOTS = {
     "loss": "loss.png",
@@ -213,6 +214,7 @@ def build(run_dir: str | Path) -> rf.Report:
     section = pathways.section(path, run.config, run.summary)
     if section:
         written["pathways"] = pathways.diagram(section, usage, path / PLOTS["pathways"])
+    quantised, distilled = serving.load(path)  # serving.json, distill.json
     experts = _experts_section(run, layers)
     experts.usage_source = usage_source
     report = rf.Report(
@@ -223,6 +225,8 @@ def build(run_dir: str | Path) -> rf.Report:
         experts=experts,
         pod=_pod_section(run),
         pathways=section,
+        serving=quantised,
+        distill=distilled,
         plots={k: PLOTS[k] for k, ok in written.items() if ok},
         problems=run.problems,
     )

@@ -5,7 +5,7 @@ language-model task as "–"."""
 from __future__ import annotations
 
 from moe import runfiles as rf
-from moe.report import pathways
+from moe.report import pathways, serving
 from moe.report.format import DASH, NA, cell, fmt, table
 
 
@@ -197,5 +197,6 @@ def render(report: rf.Report, summary: rf.EvalSummary) -> str:
         lines += ["Missing or unreadable: " + "; ".join(report.problems) + ".", ""]
     lines += _tasks(report) + _training(report) + _experts(report)
     lines += pathways.markdown(report.pathways, "pathways" in report.plots)
+    lines += serving.markdown(report)
     lines += _pod(report) + _examples(summary)
     return "\n".join(lines).rstrip() + "\n"

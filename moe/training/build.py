@@ -49,6 +49,7 @@ def moe_spec(exp: Experiment, layer: str) -> MoeSpec:
         activation=exp.model.activation,
         routing_groups="device",
         capacity_experts=m.capacity_experts or 0,
+        weight_bits=exp.model.weight_bits,
     )
 
 
@@ -69,6 +70,7 @@ def transformer_spec(exp: Experiment) -> TransformerSpec:
         num_tasks=len(exp.tasks),
         routing_input=(moe.routing_input.encoder, moe.routing_input.decoder),
         pathways=tuple(sorted(pathway_spec.masks(exp).items())),
+        dense_weight_bits=m.weight_bits if m.quantize_dense else 0,
     )
 
 
@@ -107,6 +109,8 @@ def build_optimizer(exp: Experiment) -> optax.GradientTransformation:
     Freezing: with frozen tasks in ``exp`` (a grown model), only the rows the unfrozen tasks
     own train (``pathway_spec.selector``; ``freeze.train_only``: no optimizer state and bit-exact
     zero updates for the rest, clipping over the trainable gradients)."""
+    if exp.model.weight_bits:  # a quantised model (moe quantize) is for inference: no state
+        return optax.identity()
     t = exp.train
     lr = learning_rate(exp)
     if t.optimizer == "adam":

@@ -42,7 +42,7 @@ def _rows(host: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 class Evaluator:
     """Evaluation of one run's model (any parameters of its structure) on its tasks."""
 
-    def __init__(self, exp: Experiment, data: RunData, placement: Placement):
+    def __init__(self, exp: Experiment, data: RunData | None, placement: Placement):
         self.exp, self.data, self.placement = exp, data, placement
 
     def _program(self, kind: str, make: Callable[[], Callable]) -> Callable:
@@ -99,19 +99,22 @@ class Evaluator:
                 usage.setdefault(layer, {})[task.name] = np.mean(rows, axis=0).tolist()
         return out, usage
 
-    def _decoder(self) -> Callable:
+    def _decoder(self, prefixed: bool = False) -> Callable:
+        """``fn(params, src, task[, prefix]) -> ids``, jitted once per kind; ``prefix`` (in
+        the encoding, so beam search repeats it per beam) pins each row's first tokens."""
         ev, graphdef = self.exp.eval, self.placement.graphdef
 
-        def run(params, src, task):
+        def run(params, src, task, prefix=None):
             model = nnx.merge(graphdef, params)
 
             def encode_fn(s):
                 t = jnp.broadcast_to(task, s.shape[:1])
                 enc, valid, _ = model.encode(s, t)
-                return enc, valid, t
+                return (enc, valid, t) if prefix is None else (enc, valid, t, prefix)
 
             def decode_fn(enc, tgt):
-                return model.decode(tgt, enc[0], enc[1], enc[2])[0]
+                logits = model.decode(tgt, enc[0], enc[1], enc[2])[0]
+                return logits if prefix is None else decoding.force_prefix(logits, enc[3])
 
             common = dict(
                 max_len=ev.max_decode_length,
@@ -126,25 +129,39 @@ class Evaluator:
                 )  # fmt: skip
             return decoding.greedy_decode(encode_fn, decode_fn, src, **common)
 
-        return self._program("decode", lambda: run)
+        return self._program("decode_prefix" if prefixed else "decode", lambda: run)
+
+    def decode_ids(
+        self, params: Any, src: np.ndarray, ti: int, prefix: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Decoded ids ``int32[N, eval.max_decode_length]`` of sources ``src int32[N, Ls]`` as
+        task ``ti``, ``eval.batch_size`` rows a call (the last call padded: each device's rows
+        are one routing group). ``prefix int32[N, P]`` (0-padded on the right) makes row n
+        start with its tokens (``decoding.force_prefix``: an lm task continues a text).
+        Needs no data: callers may build the Evaluator with ``data=None`` to decode only."""
+        fn = self._decoder(prefixed=prefix is not None)
+        bs = self.exp.eval.batch_size
+        out = []
+        for start in range(0, len(src), bs):
+            host = {"src": src[start : start + bs]}
+            if prefix is not None:
+                host["prefix"] = prefix[start : start + bs]
+            n = len(host["src"])
+            host = {k: np.pad(v, ((0, bs - n), (0, 0))) for k, v in host.items()}
+            batch = self.placement.batch(_rows(host))
+            extra = [batch["prefix"]] if prefix is not None else []
+            ids = fn(params, batch["src"], jnp.int32(ti), *extra)
+            out.append(np.asarray(multihost_utils.process_allgather(ids, tiled=True))[:n])
+        width = self.exp.eval.max_decode_length
+        return np.concatenate(out) if out else np.zeros((0, width), np.int32)
 
     def decode_task(self, params: Any, ti: int, split: str):
         """Decode up to ``eval.bleu_examples`` examples of task ``ti``: (sources, refs, hyps)."""
         sources, refs, src_tokens = self.data.references(ti, split, self.exp.eval.bleu_examples)
         if not refs:
             return [], [], []
-        fn = self._decoder()
-        bs = self.exp.eval.batch_size
-        hyps: list[str] = []
-        for start in range(0, len(refs), bs):
-            chunk = src_tokens[start : start + bs]
-            pad = bs - chunk.shape[0]
-            chunk = np.pad(chunk, ((0, pad), (0, 0)))
-            src = self.placement.batch(_rows({"src": chunk}))["src"]
-            out = fn(params, src, jnp.int32(ti))
-            ids = np.asarray(multihost_utils.process_allgather(out, tiled=True))[: bs - pad]
-            hyps.extend(self.data.vocab.decode(row.tolist()) for row in ids)
-        return sources, refs, hyps
+        ids = self.decode_ids(params, src_tokens, ti)
+        return sources, refs, [self.data.vocab.decode(row.tolist()) for row in ids]
 
     def full(self, run_dir: Path, params: Any, split: str, step: int) -> rf.EvalSummary:
         """Final evaluation of every task; writes eval files and ``eval/summary.json``."""

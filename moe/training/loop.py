@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import functools
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -64,12 +65,17 @@ def _prepare_run_dir(exp: cfg.Experiment, run_dir: Path, primary: bool) -> None:
         tmp.replace(saved)
 
 
-def train(exp: cfg.Experiment, run_dir: Path, *, progress: bool = True) -> rf.TrainSummary:
+def train(
+    exp: cfg.Experiment, run_dir: Path, *, progress: bool = True, teacher=None
+) -> rf.TrainSummary:
     """Train (or resume) ``exp`` in ``run_dir``, then evaluate it (``eval/summary.json``);
-    returns the train summary (also ``train_summary.json``)."""
+    returns the train summary (also ``train_summary.json``). ``teacher`` (``moe distill``: a
+    ``moe.serving.distill.Teacher``) is passed to every step, whose loss then distils it."""
     primary = jax.process_index() == 0
     say = functools.partial(print, file=sys.stderr) if primary else (lambda *a, **k: None)
     clock = _Clock()
+    if exp.model.weight_bits:
+        raise UserError(f"{exp.name} is a quantised model (model.weight_bits): inference only")
     _prepare_run_dir(exp, run_dir, primary)
 
     # --- Input pipeline (the primary first measures this host's matmul rate, once: the other
@@ -78,6 +84,8 @@ def train(exp: cfg.Experiment, run_dir: Path, *, progress: bool = True) -> rf.Tr
     host_rate = matmul_rate(cache / "matmul_rate.json") if primary else None
     with clock("data"):
         data = prepare(exp, say=say)
+    if primary:  # the run's own copy of its vocabulary (moe translate reads it)
+        shutil.copyfile(data.vocab.path, run_dir / rf.VOCAB_FILE)
 
     # --- Mesh, model and state (parameters born sharded); restore ------------------------------
     with clock("init"):
@@ -97,8 +105,9 @@ def train(exp: cfg.Experiment, run_dir: Path, *, progress: bool = True) -> rf.Tr
     start = int(jax.device_get(state.step))
 
     # --- Update step ---------------------------------------------------------------------------
+    hook = () if teacher is None else (teacher,)  # moe distill: one more step argument
     step_fn = placement.jit_train_step(
-        make_train_step(exp, placement.graphdef, placement.optimizer, len(data.tasks))
+        make_train_step(exp, placement.graphdef, placement.optimizer, len(data.tasks)), len(hook)
     )
     add = jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b))  # metrics summed on device
     key = jax.random.key(exp.train.seed)
@@ -111,7 +120,7 @@ def train(exp: cfg.Experiment, run_dir: Path, *, progress: bool = True) -> rf.Tr
     batches = Prefetcher(lambda s: _host_step(data, s), start, exp.train.steps)
     try:
         for step, (host, counts) in batches:
-            state, metrics = step_fn(state, placement.batch(host), key)
+            state, metrics = step_fn(state, placement.batch(host), key, *hook)
             acc, summed = (metrics if acc is None else add(acc, metrics)), summed + 1
             examples_seen += counts.examples
             totals.add(counts)
@@ -163,7 +172,7 @@ def train(exp: cfg.Experiment, run_dir: Path, *, progress: bool = True) -> rf.Tr
             ckpt.save(exp.train.steps, state, {"examples_seen": examples_seen.tolist()})
 
     # --- Summary and final evaluation ----------------------------------------------------------
-    compiled = step_fn.lower(state, placement.batch(host_batch(data, 0)), key).compile()
+    compiled = step_fn.lower(state, placement.batch(host_batch(data, 0)), key, *hook).compile()
     summary = rf.TrainSummary(
         steps=exp.train.steps,
         resumed_from=latest,

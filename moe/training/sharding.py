@@ -119,12 +119,13 @@ class Placement:
             for k, v in shapes.items()
         }
 
-    def jit_train_step(self, fn: Callable) -> Callable:
-        """``fn(state, batch, key) -> (state, metrics)`` jitted with the state's shardings in
-        and out, the state donated, metrics replicated."""
+    def jit_train_step(self, fn: Callable, extra_args: int = 0) -> Callable:
+        """``fn(state, batch, key, *extra) -> (state, metrics)`` jitted with the state's
+        shardings in and out, the state donated, metrics replicated; ``extra_args`` more
+        positional arguments keep their own shardings (a teacher's parameters: moe distill)."""
         jitted = jax.jit(
             fn,
-            in_shardings=(self.state_shardings, None, None),
+            in_shardings=(self.state_shardings, None, None, *(None,) * extra_args),
             out_shardings=(self.state_shardings, self.replicated),
             donate_argnums=0,
         )

@@ -78,7 +78,15 @@ def _per_task(values, task, num_tasks):
 
 
 def loss_and_metrics(
-    params, graphdef, batch, key, weights: LossWeights, num_tasks: int, train, router_bias=None
+    params,
+    graphdef,
+    batch,
+    key,
+    weights: LossWeights,
+    num_tasks: int,
+    train,
+    router_bias=None,
+    teacher=None,
 ):
     logits, aux = _forward(graphdef, params, batch, key, train=train, router_bias=router_bias)
     nll, mask = token_nll(logits, batch["tgt_out"])
@@ -86,11 +94,16 @@ def loss_and_metrics(
     ce = nll.sum() / tokens
     aux_loss = sum((a.aux_loss for a in aux.values()), jnp.float32(0))
     z_loss = sum((a.z_loss for a in aux.values()), jnp.float32(0))
-    objective = ce
-    if train and weights.label_smoothing:  # the metrics keep the plain NLL
+    objective, kd = ce, {}
+    if teacher is not None:
+        # `moe distill`: a teacher (moe.serving.distill.Teacher, a pytree passed into the step)
+        # turns the CE term into alpha * CE + (1 - alpha) * T^2 * KL; `ce` stays the labels' CE.
+        objective, kd = teacher.objective(batch, logits, nll, mask)
+    elif train and weights.label_smoothing:  # the metrics keep the plain NLL
         objective = smoothed_nll(logits, nll, mask, weights.label_smoothing).sum() / tokens
     loss = objective + weights.aux * aux_loss + weights.z * z_loss
     metrics = {
+        **kd,
         "loss": loss,
         "ce": ce,
         "aux_loss": aux_loss,
@@ -104,10 +117,12 @@ def loss_and_metrics(
     return loss, metrics
 
 
-def grads_and_metrics(state: TrainState, graphdef, batch, key, weights, num_tasks, accum: int):
+def grads_and_metrics(
+    state: TrainState, graphdef, batch, key, weights, num_tasks, accum: int, teacher=None
+):
     """Gradients of the mean loss over ``accum`` micro-batches (a scan; 1 = one pass)."""
     grad_fn = functools.partial(
-        jax.grad(loss_and_metrics, has_aux=True), router_bias=state.router_bias
+        jax.grad(loss_and_metrics, has_aux=True), router_bias=state.router_bias, teacher=teacher
     )
     if accum == 1:
         return grad_fn(state.params, graphdef, batch, key, weights, num_tasks, True)
@@ -134,6 +149,7 @@ def train_step(
     state: TrainState,
     batch,
     key,
+    teacher=None,
     *,
     graphdef,
     optimizer,
@@ -144,9 +160,12 @@ def train_step(
 ) -> tuple[TrainState, dict[str, Any]]:
     """One optimizer step. A non-finite loss or gradient skips the update and is counted
     (``bad_steps`` consecutive, ``skipped`` total); the loop stops after too many. The router
-    biases move by ``bias_rate`` against the step's load (``state.update_router_bias``)."""
+    biases move by ``bias_rate`` against the step's load (``state.update_router_bias``).
+    ``teacher``: see ``loss_and_metrics`` (``moe distill``); None trains on the labels."""
     key = jax.random.fold_in(key, state.step)
-    grads, metrics = grads_and_metrics(state, graphdef, batch, key, weights, num_tasks, accum)
+    grads, metrics = grads_and_metrics(
+        state, graphdef, batch, key, weights, num_tasks, accum, teacher
+    )
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
     updates, new_opt = optimizer.update(grads, state.opt_state, state.params)
