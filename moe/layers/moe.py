@@ -33,6 +33,7 @@ from moe.layers.experts import ExpertBank, apply_experts
 from moe.layers.router import ROUTERS, Router
 from moe.parallel.axes import logical_to_mesh
 from moe.parallel.expert_parallel import moe_exchange, psum_model, token_groups
+from moe.routing.coactivation import coactivation_stats
 from moe.routing.dispatch import combine, dispatch, restrict_to_allowed
 from moe.routing.result import Routing, RoutingAux
 from moe.routing.token_choice import capacity as expert_capacity
@@ -70,6 +71,9 @@ class MoeSpec:
       capacity_experts: compute the capacity as if the layer had this many experts (0: its
         own count); a grown or extracted model keeps its original count, so a task routed
         over the same experts drops the same tokens (``moe grow`` / ``moe extract``).
+      routing_stats: add the co-activation counts of ``moe.routing.coactivation`` to the stats
+        and return each token's first kept expert (``token_first_expert [B, S, E]``, for the
+        next MoE layer's ``previous_first``); evaluation only (``moe.training.evaluation``).
     """
 
     num_experts: int
@@ -89,6 +93,7 @@ class MoeSpec:
     activation: str = "gelu"
     routing_groups: str = "batch"
     capacity_experts: int = 0
+    routing_stats: bool = False
 
     def __post_init__(self):
         if self.routing_groups not in ROUTING_GROUPS:
@@ -171,9 +176,12 @@ class MoeBlock(nnx.Module):
         token_mask: jax.Array | None = None,
         expert_mask: jax.Array | None = None,
         router_bias: jax.Array | None = None,
+        previous_first: jax.Array | None = None,
     ) -> Routing:
         """The block's routing of flattened tokens ``x_td [T, d]`` (masks and bias flattened
-        to ``[T]``, ``[T, E]``, ``[T, d]``); a masked expert holds none of its masked tokens."""
+        to ``[T]``, ``[T, E]``, ``[T, d]``); a masked expert holds none of its masked tokens.
+        With ``spec.routing_stats``, the stats get the co-activation counts (``previous_first
+        [T, E']``: the previous MoE layer's first kept experts of the same tokens)."""
         routing = self.router(
             x_td,
             capacity=self.spec.capacity(x_td.shape[0], train=train),
@@ -185,6 +193,9 @@ class MoeBlock(nnx.Module):
         )
         if expert_mask is not None:
             routing = restrict_to_allowed(routing, expert_mask.astype(bool))
+        if self.spec.routing_stats:
+            extra = coactivation_stats(routing, x_td.shape[0], previous_first)
+            routing = dataclasses.replace(routing, stats={**routing.stats, **extra})
         return routing
 
     def __call__(
@@ -196,6 +207,7 @@ class MoeBlock(nnx.Module):
         token_mask: jax.Array | None = None,
         expert_mask: jax.Array | None = None,
         router_bias: jax.Array | None = None,
+        previous_first: jax.Array | None = None,
     ) -> tuple[jax.Array, RoutingAux]:
         """Args:
         x: [B, S, d] token representations.
@@ -206,16 +218,23 @@ class MoeBlock(nnx.Module):
         expert_mask: optional bool[B, S, E]; False keeps a token away from an expert
           (task pathways): its router logit is masked and it gets no slot there.
         router_bias: optional [B, S, d] (a task embedding) added to the router input only.
+        previous_first: optional [B, S, E'] (``spec.routing_stats`` only), the previous MoE
+          layer's ``token_first_expert`` for these tokens.
         """
         batch, seq, d = x.shape
         num_tokens = batch * seq
         x_td = x.reshape(num_tokens, d)  # [T, d]
         masks = {"token_mask": token_mask, "expert_mask": expert_mask, "router_bias": router_bias}
+        if previous_first is not None:
+            masks["previous_first"] = previous_first
         mesh = jax.sharding.get_abstract_mesh()
         if self._groups(mesh, batch) > 1:
             y_td, aux = self._exchange(x, mesh, train, rngs, masks)
         else:
             y_td, aux = self._local(x_td, train, rngs, masks)
+            aux, per_token = aux.split_per_token()  # [T, ...] -> [B, S, ...]
+            per_token = {k: v.reshape(batch, seq, *v.shape[1:]) for k, v in per_token.items()}
+            aux = RoutingAux(aux.aux_loss, aux.z_loss, {**aux.stats, **per_token})
         if self.shared is not None:
             y_td = y_td + self.shared(x_td, train=train, rngs=rngs).astype(jnp.float32)
         return y_td.reshape(batch, seq, d).astype(x.dtype), aux

@@ -34,6 +34,7 @@ class TaskRoutedMoeBlock(MoeBlock):
         token_mask: jax.Array | None = None,
         expert_mask: jax.Array | None = None,
         router_bias: jax.Array | None = None,
+        previous_first: jax.Array | None = None,
     ) -> Routing:
         """Route ``x_td [T, d]`` on ``router_bias [T, d]`` (the task embeddings) alone."""
         if router_bias is None:
@@ -47,4 +48,5 @@ class TaskRoutedMoeBlock(MoeBlock):
             token_mask=token_mask,
             expert_mask=expert_mask,
             router_bias=None,
+            previous_first=previous_first,
         )
