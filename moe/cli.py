@@ -1,4 +1,5 @@
-"""`moe` command line: train | eval | report | config | launch | pod | pathways | extract | grow.
+"""`moe` command line: train | eval | report | config | launch | pod | pathways | extract | grow |
+place.
 
 This is the only module that reads argv and the environment. It sets up the simulated pod's
 virtual devices *before* JAX is imported, so nothing heavy is imported at module level here.
@@ -73,6 +74,7 @@ def _parser() -> argparse.ArgumentParser:
     la.add_argument("overrides", nargs="*")
 
     _pathway_parsers(sub)
+    _place_parser(sub)
 
     pod = sub.add_parser("pod", help="pod slices and projected step times")
     psub = pod.add_subparsers(dest="pod_command", metavar="ACTION", required=True)
@@ -125,6 +127,59 @@ def _pathway_parsers(sub) -> None:
     g.add_argument("overrides", nargs="*", help="key.path=value overrides of the grow file")
     g.add_argument("--no-train", action="store_true", help="only write the grown run directory")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _place_parser(sub) -> None:
+    pl = sub.add_parser(
+        "place",
+        help="place experts on devices from a run's routing statistics (and apply it)",
+        description="From RUN_DIR's eval/routing_stats.json (expert load and co-activation, "
+        "written by `moe eval`), compare expert-to-device placements (identity, random, greedy "
+        "partitioning of the co-activation graph, simulated annealing) by the max device load "
+        "and the exchange time the pod cost model projects; print them, write the report with "
+        "--json, and with --apply write RUN_DIR's checkpoint with its experts permuted to OUT.",
+    )
+    pl.add_argument("run_dir")
+    pl.add_argument("--json", help="write the report (before/after, permutations) here")
+    pl.add_argument("--apply", action="store_true", help="write the placed run to --out")
+    pl.add_argument("--out", help="output run directory for --apply")
+    pl.add_argument("--slice", help="project on this slice, e.g. tpu-v4:2x2x2 (default: run's)")
+    pl.add_argument(
+        "--schedule",
+        choices=["home", "affinity"],
+        default="home",
+        help="exchange schedule priced (default home: tokens return after every MoE layer)",
+    )
+    pl.add_argument("--host-gbps", type=float, help="price bytes between hosts at this Gbit/s")
+    pl.add_argument("--iterations", type=int, default=3000, help="annealing iterations")
+    pl.add_argument("--seed", type=int, default=0, help="seed of the random and annealing placers")
+
+
+def _place_command(args) -> int:
+    """`moe place` (moe.placement.command)."""
+    exp = _run_config(args.run_dir)
+    if args.apply and not args.out:
+        raise UserError("place --apply needs --out OUT_DIR (the placed run directory)")
+    if args.iterations < 0:
+        raise UserError(f"--iterations {args.iterations} must be >= 0")
+    if args.apply:
+        _start_jax(exp)  # one process holding all of the pod's devices
+    import json
+
+    from moe.placement import command
+
+    report = command.place(
+        Path(args.run_dir), slice_text=args.slice, schedule=args.schedule,
+        host_gbps=args.host_gbps, seed=args.seed, iterations=args.iterations,
+    )  # fmt: skip
+    print(command.table(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1), encoding="utf-8")
+    if args.apply:
+        manifest = command.apply(Path(args.run_dir), report, Path(args.out))
+        (Path(args.out) / "placed.json").write_text(json.dumps(report, indent=1), "utf-8")
+        print(f"placed run ({report['chosen']}) at step {manifest['step']} in {args.out}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -205,6 +260,8 @@ def _dispatch(args, argv: list[str]) -> int:
         return 0
     if args.command in ("pathways", "extract", "grow"):
         return _pathway_command(args)
+    if args.command == "place":
+        return _place_command(args)
     if args.command == "pod":
         overrides = list(args.overrides)
         if args.slice:  # compile for the target slice's device count, same expert axis

@@ -44,6 +44,7 @@ LAYERS = [
     ["moe.data", "moe.eval"],  # input pipeline; decoding and BLEU
     ["moe.training"],  # the experiment becomes objects and trains
     ["moe.pathways"],  # surgery on trained runs: extract, grow, learned pathways
+    ["moe.placement"],  # expert-to-device placement from routing statistics (moe place)
     ["moe.report"],  # documents from a run directory
     ["moe.cli"],
 ]
