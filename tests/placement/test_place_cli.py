@@ -108,3 +108,9 @@ def test_place_errors_are_one_line(placed, tmp_path, capsys):
         assert cli.main(args) == 2, args
         err = capsys.readouterr().err.strip()
         assert message in err and len(err.splitlines()) == 1, err
+
+
+def test_place_has_help(capsys):
+    with pytest.raises(SystemExit) as done:
+        cli.main(["place", "--help"])
+    assert done.value.code == 0 and "--apply" in capsys.readouterr().out
