@@ -78,12 +78,13 @@ def permuted_experiment(exp: cfg.Experiment, orders: Orders, out: Path) -> cfg.E
         layer: {int(old): new for new, old in enumerate(order)} for layer, order in orders.items()
     }
     for i, task in enumerate(raw["tasks"]):
-        if task["experts"] is not None:
-            task["experts"] = {
-                layer: sorted(new_id.get(layer, {}).get(x, x) for x in ids)
-                for layer in exp.moe_layers
-                if (ids := pathway_spec.task_experts(exp, i, layer))
-            }
+        if task["experts"] is None:
+            continue
+        renumbered = {}
+        for layer in exp.moe_layers:
+            ids = pathway_spec.task_experts(exp, i, layer)
+            renumbered[layer] = sorted(new_id.get(layer, {}).get(x, x) for x in ids)
+        task["experts"] = renumbered
     return cfg.from_dict(raw, where=f"placed config of {exp.name}")
 
 
