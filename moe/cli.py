@@ -1,5 +1,5 @@
 """`moe` command line: train | eval | report | config | launch | pod | pathways | extract | grow |
-translate | quantize | distill.
+translate | quantize | distill | place.
 
 This is the only module that reads argv and the environment. It sets up the simulated pod's
 virtual devices *before* JAX is imported, so nothing heavy is imported at module level here.
@@ -8,11 +8,11 @@ User errors (bad config, missing files, bad data) print one line and exit with s
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from pathlib import Path
 
+from moe import cli_args
 from moe.errors import UserError
 
 EXIT_USER_ERROR = 2
@@ -23,117 +23,6 @@ TCMALLOC = (
     "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4",
     "/usr/lib64/libtcmalloc_minimal.so.4",
 )
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="moe",
-        description="Train sparsely-gated mixture-of-experts models on JAX.",
-        epilog="Run `moe COMMAND --help` for a command's options.",
-    )
-    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
-
-    t = sub.add_parser(
-        "train",
-        help="train an experiment (resumes if its run directory has a checkpoint)",
-        description="Train the experiment in CONFIG. Overrides are key.path=value "
-        "(e.g. model.d_model=64 train.steps=50). The run directory is <runs_dir>/<name>/; "
-        "if it holds a checkpoint, training resumes exactly where it stopped.",
-    )
-    t.add_argument("config", help="experiment YAML file")
-    t.add_argument("overrides", nargs="*", help="key.path=value overrides")
-    t.add_argument("--run-dir", help="run directory (default: <runs_dir>/<name>)")
-    t.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-    e = sub.add_parser(
-        "eval",
-        help="evaluate a run's latest (or a named) checkpoint",
-        description="Evaluate RUN_DIR's checkpoint: per-task perplexity, BLEU for translation "
-        "tasks (decoded outputs in RUN_DIR/eval/), then regenerate the report.",
-    )
-    e.add_argument("run_dir")
-    e.add_argument("--step", type=int, help="checkpoint step (default: latest)")
-    e.add_argument("--split", choices=["valid", "test"], help="held-out split (default: config)")
-
-    r = sub.add_parser(
-        "report",
-        help="regenerate report.json, report.md and plots of a run",
-        description="Rebuild RUN_DIR/report.json, report.md and the PNG plots from its files.",
-    )
-    r.add_argument("run_dir")
-
-    c = sub.add_parser("config", help="inspect experiment configs")
-    csub = c.add_subparsers(dest="config_command", metavar="ACTION", required=True)
-    show = csub.add_parser(
-        "show", help="print the resolved config (extends + overrides + defaults)"
-    )
-    show.add_argument("config")
-    show.add_argument("overrides", nargs="*")
-
-    la = sub.add_parser(
-        "launch",
-        help="run `moe train` as N MPI processes (wraps the venv's mpirun)",
-        description="Start N processes with mpirun, each running `moe train CONFIG ...` on its "
-        "share of the pod's virtual devices. Equivalent to `mpirun -np N moe train CONFIG`.",
-    )
-    la.add_argument("-n", "--processes", type=int, required=True, help="number of processes")
-    la.add_argument("config")
-    la.add_argument("overrides", nargs="*")
-
-    _pathway_parsers(sub)
-    _serving_parsers(sub)
-
-    pod = sub.add_parser("pod", help="pod slices and projected step times")
-    psub = pod.add_subparsers(dest="pod_command", metavar="ACTION", required=True)
-    plan = psub.add_parser(
-        "plan",
-        help="project the step time of CONFIG on a real slice without training",
-        description="Compile one training step for the config's mesh and project its time on "
-        "the slice (compute/memory rooflines, all-to-all and all-reduce on the torus).",
-    )
-    plan.add_argument("config")
-    plan.add_argument("overrides", nargs="*")
-    plan.add_argument("--slice", help="target slice, e.g. tpu-v4:4x4x4 (default: the config's)")
-    return p
-
-
-def _pathway_parsers(sub) -> None:
-    pw = sub.add_parser(
-        "pathways",
-        help="show which experts carry each task's tokens, per MoE layer",
-        description="Per MoE layer and task: its configured pathway, the experts its tokens went "
-        "to in RUN_DIR's final evaluation (eval/summary.json), and the fewest experts carrying "
-        "--coverage of them. --yaml prints those as tasks[i].experts (learned pathways).",
-    )
-    pw.add_argument("run_dir")
-    pw.add_argument("--coverage", type=float, default=0.9, help="share of tokens (default 0.9)")
-    pw.add_argument("--yaml", action="store_true", help="print learned pathways as config YAML")
-
-    ex = sub.add_parser(
-        "extract",
-        help="write one task's sub-network (only the experts it uses) as a smaller run",
-        description="Keep, per MoE layer, only the experts task NAME can reach (its k experts "
-        "under task routing, else its pathway) and write a run directory with that checkpoint "
-        "and config; `moe eval OUT` then gives the task's outputs of the full model.",
-    )
-    ex.add_argument("run_dir")
-    ex.add_argument("--task", required=True, help="task name")
-    ex.add_argument("--out", help="output run directory (default: RUN_DIR-NAME)")
-    ex.add_argument("--step", type=int, help="checkpoint step (default: latest)")
-
-    g = sub.add_parser(
-        "grow",
-        help="add experts and a new task to a trained run; old tasks' outputs stay unchanged",
-        description="Clone the experts the new task routes to most into new experts, give the "
-        "new task a pathway over them plus shared frozen old experts, freeze everything the old "
-        "tasks use, and train a new run (<runs_dir>/<name> of the grow file). The task must be "
-        "in RUN_DIR's config with weight 0. Overrides (key.path=value) apply to the grow file.",
-    )
-    g.add_argument("run_dir", help="the trained parent run")
-    g.add_argument("--config", required=True, help="grow file (name, grow:, train:, eval:)")
-    g.add_argument("overrides", nargs="*", help="key.path=value overrides of the grow file")
-    g.add_argument("--no-train", action="store_true", help="only write the grown run directory")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def _preload_tcmalloc(argv: list[str]) -> None:
@@ -150,59 +39,38 @@ def _preload_tcmalloc(argv: list[str]) -> None:
     )
 
 
-def _serving_parsers(sub) -> None:
-    tr = sub.add_parser(
-        "translate",
-        help="translate lines from stdin with a trained run (an lm task continues them)",
-        description="Read sentences from stdin, one per line, and print one output per line on "
-        "stdout (notes on stderr): the translation for a translate task, the line continued "
-        "for an lm task. Uses the run's vocabulary and eval decoding settings.",
-    )
-    tr.add_argument("run_dir")
-    tr.add_argument("--task", required=True, help="task name")
-    tr.add_argument("--step", type=int, help="checkpoint step (default: latest)")
-    tr.add_argument("--beam", type=int, help="beam size (default: the run's eval.beam_size)")
+def _place_command(args) -> int:
+    """`moe place` (moe.placement.command)."""
+    exp = _run_config(args.run_dir)
+    if args.apply and not args.out:
+        raise UserError("place --apply needs --out OUT_DIR (the placed run directory)")
+    if args.iterations < 0:
+        raise UserError(f"--iterations {args.iterations} must be >= 0")
+    if args.apply:
+        _start_jax(exp)  # one process holding all of the pod's devices
+    import json
 
-    q = sub.add_parser(
-        "quantize",
-        help="store a run's expert weights as 8- or 4-bit integers (inference only)",
-        description="Write OUT, a run whose expert kernels (with --dense also attention and "
-        "dense feed-forward kernels) are integers with per-output-channel scales; evaluate it "
-        "next to the float run and record bytes, decode speed, perplexity and BLEU in "
-        "OUT/serving.json and the report.",
-    )
-    q.add_argument("run_dir")
-    q.add_argument("--bits", type=int, default=8, help="8 or 4 (default 8)")
-    q.add_argument("--out", required=True, help="output run directory")
-    q.add_argument("--dense", action="store_true", help="also attention and dense FFN kernels")
-    q.add_argument("--step", type=int, help="checkpoint step (default: latest)")
+    from moe.placement import command
 
-    d = sub.add_parser(
-        "distill",
-        help="train a (dense) student on a trained run's soft outputs",
-        description="Train the student experiment STUDENT.yaml (key.path=value overrides "
-        "allowed) in OUT with alpha*CE(labels) + (1-alpha)*T^2*KL(teacher_T || student_T), "
-        "the teacher being RUN_DIR in evaluation mode. Re-run the same command to resume.",
-    )
-    d.add_argument("run_dir", help="the trained teacher run")
-    d.add_argument("--student", required=True, help="student experiment YAML")
-    d.add_argument("overrides", nargs="*", help="key.path=value overrides of the student")
-    d.add_argument("--out", required=True, help="the student's run directory")
-    d.add_argument("--alpha", type=float, default=0.75, help="weight of the labels (0.75)")
-    d.add_argument("--temperature", type=float, default=1.0, help="softmax temperature T (1)")
-    d.add_argument("--step", type=int, help="teacher checkpoint step (default: latest)")
-    d.add_argument(
-        "--init-from-teacher", action="store_true",
-        help="start from the teacher's weights where the shapes match (Switch §4.2)",
+    report = command.place(
+        Path(args.run_dir), slice_text=args.slice, schedule=args.schedule,
+        host_gbps=args.host_gbps, seed=args.seed, iterations=args.iterations,
     )  # fmt: skip
-    d.add_argument("--no-progress", action="store_true", help="no progress bar")
+    print(command.table(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1), encoding="utf-8")
+    if args.apply:
+        manifest = command.apply(Path(args.run_dir), report, Path(args.out))
+        (Path(args.out) / "placed.json").write_text(json.dumps(report, indent=1), "utf-8")
+        print(f"placed run ({report['chosen']}) at step {manifest['step']} in {args.out}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     if argv is None:  # the program itself (not a call from Python): a faster allocator first
         _preload_tcmalloc(sys.argv[1:])
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = _parser()
+    parser = cli_args.parser()
     args, extra = parser.parse_known_args(argv)
     # Overrides may follow options (`moe pod plan c.yaml --slice tpu-v3:4x4 moe.top_k=1`).
     if extra and hasattr(args, "overrides") and not any(a.startswith("-") for a in extra):
@@ -280,6 +148,8 @@ def _dispatch(args, argv: list[str]) -> int:
         return _pathway_command(args)
     if args.command in ("translate", "quantize", "distill"):
         return _serving_command(args, argv)
+    if args.command == "place":
+        return _place_command(args)
     if args.command == "pod":
         overrides = list(args.overrides)
         if args.slice:  # compile for the target slice's device count, same expert axis

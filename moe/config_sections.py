@@ -229,7 +229,9 @@ class TrainConfig(Section):
         description="Pack several examples into each row (T5X-style: attention never crosses "
         "examples, the loss is per token), so few positions are padding; false: one a row.",
     )
-    optimizer: Literal["adam", "adamw", "adafactor"] = Field("adam", description="optax optimizer.")
+    optimizer: Literal["adam", "adamw", "adafactor", "powersign", "addsign"] = Field(
+        "adam", description="optax optimizer; the sign rules take SGD-sized learning rates."
+    )
     learning_rate: float = Field(1e-3, gt=0.0, description="Peak learning rate.")
     schedule: Literal["inverse_sqrt", "cosine", "constant"] = Field(
         "inverse_sqrt", description="After linear warm-up."
@@ -237,6 +239,15 @@ class TrainConfig(Section):
     warmup_steps: int = Field(100, ge=0, description="Linear warm-up steps.")
     weight_decay: float = Field(0.0, ge=0.0, description="Decoupled weight decay (adamw).")
     grad_clip: float = Field(1.0, ge=0.0, description="Global-norm clip; 0 = off.")
+    sign_alpha: float | None = Field(None, gt=0.0, description="PowerSign α (e) / AddSign α (1).")
+    sign_beta: float = Field(0.9, ge=0.0, lt=1.0, description="Sign rules: β of the average m.")
+    sign_decay: Literal["constant", "linear", "cyclical", "restart"] = Field(
+        "constant", description="Sign rules: decay f(t) of sign(g)sign(m) (Bello et al. 2017)."
+    )
+    sign_decay_steps: int | None = Field(None, gt=0, description="T of f(t); default steps.")
+    sign_decay_periods: float | None = Field(
+        None, gt=0.0, description="n of f(t): cyclical (0.5) or restart (1)."
+    )
     grad_accum: int = Field(1, ge=1, description="Micro-batches accumulated per step.")
     label_smoothing: float = Field(
         0.0, ge=0.0, lt=1.0, description="Label smoothing of the training loss (0.1 is usual)."
@@ -249,6 +260,28 @@ class TrainConfig(Section):
     max_bad_steps: int = Field(
         10, ge=1, description="Consecutive non-finite steps tolerated before stopping."
     )
+
+    @model_validator(mode="after")
+    def _sign_rules(self) -> TrainConfig:
+        names = ("sign_alpha", "sign_beta", "sign_decay", "sign_decay_steps", "sign_decay_periods")
+        if self.optimizer not in ("powersign", "addsign"):
+            given = [n for n in names if getattr(self, n) != type(self).model_fields[n].default]
+            if given:
+                raise ValueError(
+                    f"train.{given[0]}={getattr(self, given[0])} only applies to "
+                    f"train.optimizer=powersign or addsign (got {self.optimizer})"
+                )
+        elif self.optimizer == "addsign" and (self.sign_alpha or 1.0) < 1:
+            raise ValueError(
+                f"train.sign_alpha={self.sign_alpha} is below 1 with train.optimizer=addsign: "
+                "α - f(t) would turn negative (a step up the loss); use >= 1"
+            )
+        elif self.sign_decay in ("constant", "linear") and self.sign_decay_periods is not None:
+            raise ValueError(
+                f"train.sign_decay_periods is set but train.sign_decay={self.sign_decay} has "
+                "no periods; use sign_decay=cyclical or restart"
+            )
+        return self
 
 
 class EvalConfig(Section):

@@ -3,6 +3,7 @@ reads them back.
 
     train_summary.json   TrainSummary   written by the training loop at the end of a run
     eval/summary.json    EvalSummary    written by the final evaluation (moe train / moe eval)
+    eval/routing_stats.json  RoutingStats  co-activation counts of that evaluation (moe place)
     metrics.jsonl        TrainLine / EvalLine, one JSON object a line
     vocab.model          the run's SentencePiece vocabulary (a copy; ``moe translate`` reads it)
     serving.json         ServingSummary written by ``moe quantize`` (quantised vs float model)
@@ -193,6 +194,29 @@ class DistillInfo(RunFile):
     temperature: Number = None
     init_from_teacher: bool = False
     teacher_tasks: dict[str, EvalMetrics] = Field(default_factory=dict)  # its final evaluation
+
+
+# --- eval/routing_stats.json ----------------------------------------------------------------
+
+
+class LayerRouting(RunFile):
+    """One MoE layer's co-activation counts (``moe.routing.coactivation``) for one task: means
+    per routing group (one group per data x expert device) and per evaluation batch."""
+
+    batches: int = 0
+    routed_tokens: Number = None
+    coactivation: list[list[float]] = Field(default_factory=list)  # [E][E]
+    first_coactivation: list[list[float]] = Field(default_factory=list)  # [E][E]
+    previous: str | None = None  # the previous MoE layer of the same stack
+    transition: list[list[float]] | None = None  # [E_previous][E]
+
+
+class RoutingStats(RunFile):
+    step: Count = None
+    split: str | None = None
+    groups: Count = None  # routing groups of an evaluation batch
+    batch_size: Count = None  # rows of an evaluation batch
+    tasks: dict[str, dict[str, LayerRouting]] = Field(default_factory=dict)  # {task: {layer: }}
 
 
 # --- metrics.jsonl --------------------------------------------------------------------------

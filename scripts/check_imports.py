@@ -45,8 +45,9 @@ LAYERS = [
     ["moe.training"],  # the experiment becomes objects and trains
     ["moe.pathways"],  # surgery on trained runs: extract, grow, learned pathways
     ["moe.serving"],  # serving a trained run: translate, quantize, distill, their costs
+    ["moe.placement"],  # expert-to-device placement from routing statistics (moe place)
     ["moe.report"],  # documents from a run directory
-    ["moe.cli"],
+    ["moe.cli", "moe.cli_args"],
 ]
 
 

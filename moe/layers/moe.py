@@ -33,6 +33,7 @@ from moe.layers.experts import ExpertBank, apply_experts
 from moe.layers.router import ROUTERS, Router
 from moe.parallel.axes import logical_to_mesh
 from moe.parallel.expert_parallel import moe_exchange, psum_model, token_groups
+from moe.routing.coactivation import coactivation_stats
 from moe.routing.dispatch import combine, dispatch, restrict_to_allowed
 from moe.routing.result import Routing, RoutingAux
 from moe.routing.token_choice import capacity as expert_capacity
@@ -86,6 +87,9 @@ class MoeSpec:
         over the same experts drops the same tokens (``moe grow`` / ``moe extract``).
       weight_bits: 0 (float experts) or 8 / 4: the expert kernels stored quantised, inference
         only (``moe quantize``; ``moe.layers.quant``).
+      routing_stats: add the co-activation counts of ``moe.routing.coactivation`` to the stats
+        and return each token's first kept expert (``token_first_expert [B, S, E]``, for the
+        next MoE layer's ``previous_first``); evaluation only (``moe.training.evaluation``).
     """
 
     num_experts: int
@@ -112,6 +116,7 @@ class MoeSpec:
     routing_groups: str = "batch"
     capacity_experts: int = 0
     weight_bits: int = 0
+    routing_stats: bool = False
 
     def __post_init__(self):
         if self.routing_groups not in ROUTING_GROUPS:
@@ -213,10 +218,13 @@ class MoeBlock(nnx.Module):
         expert_mask: jax.Array | None = None,
         router_bias: jax.Array | None = None,
         num_devices: int | None = None,
+        previous_first: jax.Array | None = None,
     ) -> Routing:
         """The block's routing of flattened tokens ``x_td [T, d]`` (masks and bias flattened
         to ``[T]``, ``[T, E]``, ``[T, d]``); a masked expert holds none of its masked tokens.
-        ``num_devices``: the expert-axis size (default ``spec.expert_devices``).
+        ``num_devices``: the expert-axis size (default ``spec.expert_devices``). With
+        ``spec.routing_stats``, the stats get the co-activation counts (``previous_first
+        [T, E']``: the previous MoE layer's first kept experts of the same tokens).
 
         The capacity rule (``MoeSpec.capacity``) counts the real tokens of ``token_mask``: the
         buffers keep ``capacity(T)`` slots (a static shape), of which ``capacity(n_real)`` are
@@ -243,6 +251,9 @@ class MoeBlock(nnx.Module):
             )
         if expert_mask is not None:
             routing = restrict_to_allowed(routing, expert_mask.astype(bool))
+        if self.spec.routing_stats:
+            extra = coactivation_stats(routing, x_td.shape[0], previous_first)
+            routing = dataclasses.replace(routing, stats={**routing.stats, **extra})
         return routing
 
     def __call__(
@@ -254,6 +265,7 @@ class MoeBlock(nnx.Module):
         token_mask: jax.Array | None = None,
         expert_mask: jax.Array | None = None,
         router_bias: jax.Array | None = None,
+        previous_first: jax.Array | None = None,
     ) -> tuple[jax.Array, RoutingAux]:
         """Args:
         x: [B, S, d] token representations.
@@ -264,16 +276,23 @@ class MoeBlock(nnx.Module):
         expert_mask: optional bool[B, S, E]; False keeps a token away from an expert
           (task pathways): its router logit is masked and it gets no slot there.
         router_bias: optional [B, S, d] (a task embedding) added to the router input only.
+        previous_first: optional [B, S, E'] (``spec.routing_stats`` only), the previous MoE
+          layer's ``token_first_expert`` for these tokens.
         """
         batch, seq, d = x.shape
         num_tokens = batch * seq
         x_td = x.reshape(num_tokens, d)  # [T, d]
         masks = {"token_mask": token_mask, "expert_mask": expert_mask, "router_bias": router_bias}
+        if previous_first is not None:
+            masks["previous_first"] = previous_first
         mesh = jax.sharding.get_abstract_mesh()
         if self._groups(mesh, batch) > 1:
             y_td, aux = self._exchange(x, mesh, train, rngs, masks)
         else:
             y_td, aux = self._local(x_td, train, rngs, masks)
+            aux, per_token = aux.split_per_token()  # [T, ...] -> [B, S, ...]
+            per_token = {k: v.reshape(batch, seq, *v.shape[1:]) for k, v in per_token.items()}
+            aux = RoutingAux(aux.aux_loss, aux.z_loss, {**aux.stats, **per_token})
         if self.shared is not None:
             y_td = y_td + self.shared(x_td, train=train, rngs=rngs).astype(jnp.float32)
         return y_td.reshape(batch, seq, d).astype(x.dtype), aux

@@ -35,6 +35,7 @@ class TaskRoutedMoeBlock(MoeBlock):
         expert_mask: jax.Array | None = None,
         router_bias: jax.Array | None = None,
         num_devices: int | None = None,
+        previous_first: jax.Array | None = None,
     ) -> Routing:
         """Route ``x_td [T, d]`` on ``router_bias [T, d]`` (the task embeddings) alone."""
         if router_bias is None:
@@ -49,4 +50,5 @@ class TaskRoutedMoeBlock(MoeBlock):
             expert_mask=expert_mask,
             router_bias=None,
             num_devices=num_devices,
+            previous_first=previous_first,
         )

@@ -24,6 +24,8 @@ from moe.layers.dense import DenseFFN
 from moe.layers.moe import MoeBlock, MoeSpec
 from moe.layers.params import param
 from moe.layers.task_moe import TaskRoutedMoeBlock
+from moe.routing.coactivation import FIRST_EXPERT
+from moe.routing.result import RoutingAux
 
 PAD_ID = 0
 ROUTING_INPUTS = ("token", "task", "token+task")
@@ -191,6 +193,13 @@ class Block(nnx.Module):
         return x, aux
 
 
+def _take_first_expert(aux: RoutingAux, first):
+    """``(aux without its per-token stats, its token_first_expert or the previous one)``:
+    per-token stats feed the next MoE layer of the stack, never the metrics."""
+    aux, per_token = aux.split_per_token()
+    return aux, per_token.get(FIRST_EXPERT, first)
+
+
 def sinusoidal(length: int, d: int) -> jax.Array:
     """float32[L, d] sinusoidal position encodings (Vaswani et al. 2017 §3.5)."""
     pos = jnp.arange(length, dtype=jnp.float32)[:, None]
@@ -287,11 +296,13 @@ class Transformer(nnx.Module):
             return src, seg, aux  # decoder-only: the "encoding" is the source prefix itself
         x = self._embed(src, seg.position)
         mask = seg.attention_mask(seg)
+        first = None  # routing stats only: the last MoE layer's first kept experts
         for i, block in enumerate(self.encoder):
             kw = self._moe_kw("encoder", i, seg.task)
+            kw.update({"previous_first": first} if block.is_moe and first is not None else {})
             x, a = block(x, mask, valid=seg.valid, train=train, rngs=rngs, moe_kw=kw)
             if a is not None:
-                aux[f"encoder/{i}"] = a
+                aux[f"encoder/{i}"], first = _take_first_expert(a, first)
         return self.enc_norm(x), seg, aux
 
     def decode(self, tgt_in, enc, src: Segments, task, *, train=False, rngs=None, segments=None):
@@ -308,7 +319,10 @@ class Transformer(nnx.Module):
             x = self._embed(jnp.concatenate([enc, tgt_in], axis=1), seg.position)
             self_mask = seg.attention_mask(seg, causal=True)
             cross = None
+        first = None  # routing stats only: the last MoE layer's first kept experts
         for i, block in enumerate(self.decoder):
+            kw = self._moe_kw("decoder", i, seg.task)
+            kw.update({"previous_first": first} if block.is_moe and first is not None else {})
             x, a = block(
                 x,
                 self_mask,
@@ -317,10 +331,10 @@ class Transformer(nnx.Module):
                 cross_mask=cross,
                 train=train,
                 rngs=rngs,
-                moe_kw=self._moe_kw("decoder", i, seg.task),
+                moe_kw=kw,
             )
             if a is not None:
-                aux[f"decoder/{i}"] = a
+                aux[f"decoder/{i}"], first = _take_first_expert(a, first)
         x = self.dec_norm(x)
         if cross is None:
             x = x[:, enc.shape[1] :]  # [B, Lt, d]: only target positions predict

@@ -92,7 +92,8 @@ def moe_exchange(
 
     Returns:
       ``(y [B, ..., d] float32, RoutingAux)``, the aux losses and stats averaged over the
-      routing groups (``capacity``: slots per expert per group).
+      routing groups (``capacity``: slots per expert per group); per-token stats
+      (``token_*``) are not averaged but returned ``[B, ..., ...]`` like ``y``.
     """
     axes = tuple(a for a in TOKEN_AXES if a in mesh.shape)
     lead = x.ndim - 1
@@ -108,14 +109,17 @@ def moe_exchange(
         recv = to_experts(send)  # [E', EP * C_l, d]
         out = from_experts(experts(params_l, recv, keys))  # [E, C_l, d]
         y_td = combine(out, routing.slot_token, routing.slot_weight, num_tokens)  # [T_l, d]
-        aux = jax.tree.map(lambda s: jax.lax.pmean(s.astype(jnp.float32), axes), routing.aux())
-        return y_td.reshape(*x_l.shape[:-1], y_td.shape[-1]), aux
+        aux, per_token = routing.aux().split_per_token()  # per-token stats travel like x
+        aux = jax.tree.map(lambda s: jax.lax.pmean(s.astype(jnp.float32), axes), aux)
+        per_token = {k: v.reshape(*x_l.shape[:-1], *v.shape[1:]) for k, v in per_token.items()}
+        return y_td.reshape(*x_l.shape[:-1], y_td.shape[-1]), aux, per_token
 
     tokens = PartitionSpec(axes)
     extras_specs = jax.tree.map(lambda _: tokens, extras)
-    return jax.shard_map(
+    y, aux, per_token = jax.shard_map(
         body,
         mesh=mesh,
         in_specs=(tokens, extras_specs, expert_specs, jax.tree.map(lambda _: PartitionSpec(), key)),
-        out_specs=(tokens, PartitionSpec()),
+        out_specs=(tokens, PartitionSpec(), tokens),
     )(x, extras, expert_params, key)
+    return y, RoutingAux(aux.aux_loss, aux.z_loss, {**aux.stats, **per_token})

@@ -7,8 +7,8 @@ experts. Both edit the same leaves, found by their tree path (see ``moe.pathways
     <stack>/<i>/ffn/router/{w_gate, w_noise}             [d, E]    experts along axis 1
 
 and leave every other parameter as it is. The result is written as an ordinary run directory
-(``config.yaml`` + a checkpoint with a fresh optimizer state), so ``moe eval``, ``moe train``
-(resume) and ``moe report`` work on it unchanged.
+(``config.yaml`` + a checkpoint with a fresh optimizer state, or a kept one), so ``moe eval``,
+``moe train`` (resume) and ``moe report`` work on it unchanged.
 """
 
 from __future__ import annotations
@@ -96,9 +96,12 @@ def append_experts(params: Any, sources: Mapping[str, Sequence[int]]) -> Any:
     return map_experts(params, grow)
 
 
-def write_run(exp: cfg.Experiment, run_dir: Path, params: Any, step: int, meta: dict) -> None:
+def write_run(
+    exp: cfg.Experiment, run_dir: Path, params: Any, step: int, meta: dict, opt_state: Any = None
+) -> None:
     """A run directory for ``exp`` whose checkpoint ``step`` holds ``params`` (host arrays in
-    the tree structure of ``exp``'s model) and a fresh optimizer state."""
+    the tree structure of ``exp``'s model) and a fresh optimizer state, or ``opt_state`` (in
+    the structure of ``exp``'s optimizer state; ``moe place --apply`` keeps it)."""
     run_dir = Path(run_dir)
     if (run_dir / "checkpoints").exists() and any((run_dir / "checkpoints").iterdir()):
         raise UserError(f"{run_dir} already holds checkpoints; choose another name or delete it")
@@ -111,11 +114,14 @@ def write_run(exp: cfg.Experiment, run_dir: Path, params: Any, step: int, meta: 
         raise ValueError("edited parameters do not match the model of the new config")
     params = jax.tree.map(jnp.asarray, params)
     optimizer = build.build_optimizer(exp)
+    fresh = optimizer.init(params)
+    if opt_state is not None:
+        if jax.tree.structure(opt_state) != jax.tree.structure(fresh):
+            raise ValueError("the optimizer state does not match the new config's optimizer")
+        fresh = jax.tree.map(jnp.asarray, opt_state)
     zero = jnp.zeros((), jnp.int32)
     no_bias = nnx.State({})  # check_supported: no router biases
-    state = state_lib.TrainState(
-        jnp.int32(step), params, optimizer.init(params), zero, zero, no_bias
-    )
+    state = state_lib.TrainState(jnp.int32(step), params, fresh, zero, zero, no_bias)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(cfg.dump(exp), encoding="utf-8")
     ckpt = Checkpointer(run_dir / "checkpoints", keep=exp.checkpoint.keep)

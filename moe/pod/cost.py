@@ -30,13 +30,24 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Sequence
 from typing import Any
+
+import numpy as np
 
 from moe.pod.calibrate import calibrate_cpu
 from moe.pod.hlo import Collective, ProgramCost, program_cost
 from moe.pod.topology import PodSlice, device_coords
 
-__all__ = ["Projection", "calibrate_cpu", "collective_time", "group_extent", "project"]
+__all__ = [
+    "Projection",
+    "calibrate_cpu",
+    "collective_time",
+    "group_extent",
+    "project",
+    "traffic_pricer",
+    "traffic_time",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,6 +131,131 @@ def collective_time(c: Collective, pod: PodSlice) -> float:
     if wiring == "switch":
         return _switch_time(c, pod)
     return _host_time(c, pod)
+
+
+def _torus_links(pod: PodSlice, a: int, b: int) -> tuple[dict[tuple, float], int]:
+    """Directed links ``(node, dim, +1|-1) -> share of the bytes`` that a message from chip
+    ``a`` to chip ``b`` crosses (dimension-ordered routing, shortest way round a wrapped dim,
+    an even split when both ways are as short), and its hop count."""
+    here = list(device_coords(pod, a))
+    goal = device_coords(pod, b)
+    paths: list[tuple[float, list[int], list[tuple]]] = [(1.0, here, [])]
+    for i, k in enumerate(pod.shape):
+        grown = []
+        for share, at, links in paths:
+            forward = (goal[i] - at[i]) % k if pod.wraparound[i] else goal[i] - at[i]
+            ways = [forward]
+            if pod.wraparound[i] and forward:
+                back = forward - k  # the other way round
+                ways = (
+                    [forward] if forward < -back else [back] if -back < forward else [forward, back]
+                )
+            for step in ways:
+                pos, hops = list(at), []
+                for _ in range(abs(step)):
+                    sign = 1 if step > 0 else -1
+                    hops.append((tuple(pos), i, sign))
+                    pos[i] = (pos[i] + sign) % k
+                grown.append((share / len(ways), pos, links + hops))
+        paths = grown
+    loads: dict[tuple, float] = {}
+    for share, _, links in paths:
+        for link in links:
+            loads[link] = loads.get(link, 0.0) + share
+    return loads, max(len(links) for _, _, links in paths)
+
+
+def traffic_time(
+    traffic: np.ndarray,
+    pod: PodSlice,
+    devices: Sequence[int] | None = None,
+    *,
+    hosts: Sequence[int] | None = None,
+    host_bandwidth: float | None = None,
+) -> float:
+    """Seconds for one all-to-all with uneven pair sizes: ``traffic[i, j]`` bytes go from
+    device ``devices[i]`` to ``devices[j]`` (default: devices ``0..n-1`` of ``pod``), all at
+    once. Bytes that stay on a device (the diagonal) cost nothing.
+
+    - ``torus``: every message follows its dimension-ordered shortest route (split evenly
+      when both ways round a wrapped dim are as short); the time is the busiest directed
+      link's bytes over the link bandwidth, plus ``link_latency`` per hop of the longest
+      route taken. For uniform traffic (each device ``B/n`` to each) this equals the
+      ``all-to-all`` of :func:`collective_time` on rings with wraparound and on 2-chip
+      lines (there every link is equally busy); on longer lines it is the busiest link
+      where :func:`collective_time` takes the mean.
+    - ``switch``: the busiest device's bytes out or in over its ``links * b``, plus
+      ``link_latency * (n - 1)`` (uniform traffic: :func:`collective_time`).
+    - ``host`` (CPU): every byte that changes device is one copy at the host's copy
+      bandwidth, plus ``link_latency`` once.
+
+    ``hosts`` (host id of each of the ``n`` devices) with ``host_bandwidth`` (bytes/s per
+    host, each way) add the busiest host's bytes out of or into it over that bandwidth: a
+    network between hosts that the pod's own wiring does not span (not TPU ICI).
+    """
+    traffic = np.asarray(traffic, np.float64)
+    n = traffic.shape[0]
+    price = traffic_pricer(pod, list(range(n)) if devices is None else devices, hosts=hosts,
+                           host_bandwidth=host_bandwidth)  # fmt: skip
+    return price(traffic)
+
+
+def traffic_pricer(
+    pod: PodSlice,
+    devices: Sequence[int],
+    *,
+    hosts: Sequence[int] | None = None,
+    host_bandwidth: float | None = None,
+) -> Callable[[np.ndarray], float]:
+    """:func:`traffic_time` for a fixed device list, with the routes worked out once (a
+    placement search prices thousands of traffic matrices)."""
+    devices = list(devices)
+    n, chip, wiring = len(devices), pod.chip, pod.kind.interconnect
+    off_diagonal = 1.0 - np.eye(n)
+    routes, hops = None, None
+    if wiring == "torus":  # share of pair (i, j)'s bytes on each directed link: [n * n, L]
+        index: dict[tuple, int] = {}
+        rows, hops = [], np.zeros((n, n))
+        for i in range(n):
+            for j in range(n):
+                links, hops[i, j] = _torus_links(
+                    pod, devices[i] % pod.num_chips, devices[j] % pod.num_chips
+                )
+                rows.append({index.setdefault(k, len(index)): v for k, v in links.items()})
+        routes = np.zeros((n * n, max(len(index), 1)))
+        for r, row in enumerate(rows):
+            for c, v in row.items():
+                routes[r, c] = v
+    host_of = None if hosts is None or not host_bandwidth else np.asarray(hosts)
+
+    def price(traffic: np.ndarray) -> float:
+        traffic = np.asarray(traffic, np.float64)
+        if traffic.shape != (n, n):
+            raise ValueError(f"traffic must be [{n}, {n}] for {n} devices; got {traffic.shape}")
+        off = traffic * off_diagonal
+        if not off.any():
+            return 0.0
+        if wiring == "torus":
+            busiest = float((off.reshape(-1) @ routes).max())
+            t = busiest / chip.link_bandwidth + chip.link_latency * float(hops[off > 0].max())
+        elif wiring == "switch":
+            busiest = max(off.sum(0).max(), off.sum(1).max())
+            t = busiest / (chip.link_bandwidth * chip.links_per_chip) + chip.link_latency * (n - 1)
+        else:
+            host = chip.for_devices(pod.num_chips)
+            t = off.sum() / host.link_bandwidth + host.link_latency
+        if host_of is not None:
+            cross = traffic * (host_of[:, None] != host_of[None, :])
+            t += (
+                max(
+                    max(cross[host_of == h].sum(), cross[:, host_of == h].sum())
+                    for h in np.unique(host_of)
+                )
+                / host_bandwidth
+            )
+        return float(t)
+
+    return price
 
 
 def project(compiled_or_cost: Any, pod: PodSlice) -> Projection:

@@ -64,9 +64,20 @@ class RoutingAux:
       aux_loss: float32 scalar, the router's balancing loss, unweighted.
       z_loss: float32 scalar, the router z-loss (ST-MoE eq. 5), unweighted.
       stats: dict of float32 arrays for monitoring (the router's, see ``moe.routing.stats``,
-        plus ``capacity``, slots per expert per group).
+        plus ``capacity``, slots per expert per group). Stats named ``token_*`` (``PER_TOKEN``)
+        are per token (``[T, ...]`` in a group, ``[B, S, ...]`` out of the block), never
+        averaged: the exchange returns them like the tokens (``moe.routing.coactivation``).
     """
 
     aux_loss: jax.Array
     z_loss: jax.Array
     stats: dict[str, jax.Array]
+
+    def split_per_token(self) -> tuple[RoutingAux, dict[str, jax.Array]]:
+        """``(self without the per-token stats, {name: per-token stat})``."""
+        per_token = {k: v for k, v in self.stats.items() if k.startswith(PER_TOKEN)}
+        rest = {k: v for k, v in self.stats.items() if k not in per_token}
+        return RoutingAux(self.aux_loss, self.z_loss, rest), per_token
+
+
+PER_TOKEN = "token_"

@@ -9,12 +9,13 @@ from flax import nnx
 from moe.config import Experiment
 from moe.layers.moe import MoeSpec
 from moe.layers.transformer import Transformer, TransformerSpec
-from moe.training import pathway_spec
+from moe.training import pathway_spec, sign_optimizers
 from moe.training.freeze import train_only
 
 
-def moe_spec(exp: Experiment, layer: str) -> MoeSpec:
-    """The MoE spec of MoE layer ``layer`` ('encoder/1').
+def moe_spec(exp: Experiment, layer: str, routing_stats: bool = False) -> MoeSpec:
+    """The MoE spec of MoE layer ``layer`` ('encoder/1'); ``routing_stats``: evaluation's
+    co-activation counts (``MoeSpec.routing_stats``).
 
     Routing groups are per device: under a mesh each ``(data, expert)`` device routes its own
     rows (GShard local dispatch; ``config`` checks that the batch sizes divide). Task-routed
@@ -50,10 +51,11 @@ def moe_spec(exp: Experiment, layer: str) -> MoeSpec:
         routing_groups="device",
         capacity_experts=m.capacity_experts or 0,
         weight_bits=exp.model.weight_bits,
+        routing_stats=routing_stats,
     )
 
 
-def transformer_spec(exp: Experiment) -> TransformerSpec:
+def transformer_spec(exp: Experiment, routing_stats: bool = False) -> TransformerSpec:
     m, moe = exp.model, exp.moe
     return TransformerSpec(
         kind=m.kind,
@@ -65,7 +67,7 @@ def transformer_spec(exp: Experiment) -> TransformerSpec:
         d_ff=m.d_ff,
         dropout=m.dropout,
         activation=m.activation,
-        moe_layers=tuple((layer, moe_spec(exp, layer)) for layer in exp.moe_layers),
+        moe_layers=tuple((layer, moe_spec(exp, layer, routing_stats)) for layer in exp.moe_layers),
         dtype=exp.train.precision,
         num_tasks=len(exp.tasks),
         routing_input=(moe.routing_input.encoder, moe.routing_input.decoder),
@@ -74,9 +76,12 @@ def transformer_spec(exp: Experiment) -> TransformerSpec:
     )
 
 
-def build_model(exp: Experiment, seed: int | None = None) -> Transformer:
+def build_model(
+    exp: Experiment, seed: int | None = None, routing_stats: bool = False
+) -> Transformer:
     return Transformer(
-        transformer_spec(exp), rngs=nnx.Rngs(exp.train.seed if seed is None else seed)
+        transformer_spec(exp, routing_stats),
+        rngs=nnx.Rngs(exp.train.seed if seed is None else seed),
     )
 
 
@@ -117,6 +122,8 @@ def build_optimizer(exp: Experiment) -> optax.GradientTransformation:
         opt = optax.adam(lr, b1=0.9, b2=0.98, eps=1e-9)
     elif t.optimizer == "adamw":
         opt = optax.adamw(lr, b1=0.9, b2=0.98, eps=1e-9, weight_decay=t.weight_decay)
+    elif t.optimizer in ("powersign", "addsign"):
+        opt = sign_optimizer(exp, lr)
     else:
         opt = optax.adafactor(lr, clipping_threshold=1.0, multiply_by_parameter_scale=False)
     parts = [optax.clip_by_global_norm(t.grad_clip)] if t.grad_clip > 0 else []
@@ -126,3 +133,15 @@ def build_optimizer(exp: Experiment) -> optax.GradientTransformation:
         return chain
     abstract = nnx.split(nnx.eval_shape(lambda: build_model(exp)), nnx.Param, ...)[1]
     return train_only(chain, select, abstract)
+
+
+def sign_optimizer(exp: Experiment, lr: optax.Schedule) -> optax.GradientTransformation:
+    """PowerSign or AddSign (``train.optimizer``) with the ``train.sign_*`` settings."""
+    t = exp.train
+    decay = None
+    if t.sign_decay != "constant":
+        steps = t.sign_decay_steps or t.steps
+        decay = sign_optimizers.sign_decay(t.sign_decay, steps, t.sign_decay_periods)
+    alpha = sign_optimizers.DEFAULT_ALPHA[t.optimizer] if t.sign_alpha is None else t.sign_alpha
+    make = sign_optimizers.power_sign if t.optimizer == "powersign" else sign_optimizers.add_sign
+    return make(lr, alpha=alpha, beta=t.sign_beta, decay=decay)

@@ -3,8 +3,13 @@
 An :class:`Evaluator` holds what every evaluation of a run shares (the experiment, its data and
 its placement, with the jitted programs); ``perplexities`` is the quick held-out check run
 during training, ``full`` the final evaluation that writes ``eval/<task>.hyp.txt``/``.ref.txt``
-and ``eval/summary.json`` (a ``moe.runfiles.EvalSummary``, the report's input). Every process
-runs the same jitted programs on its rows of each batch.
+and ``eval/summary.json`` (a ``moe.runfiles.EvalSummary``, the report's input), and
+``eval/routing_stats.json`` (``RoutingStats``: which experts the same tokens use together, for
+``moe place``). Every process runs the same jitted programs on its rows of each batch.
+
+The evaluation program is the model with ``MoeSpec.routing_stats`` on (same parameters, a
+graphdef of its own): its MoE blocks add the co-activation counts of
+``moe.routing.coactivation`` to their stats, so the train step never computes them.
 """
 
 from __future__ import annotations
@@ -26,10 +31,56 @@ from moe.config import Experiment
 from moe.data.pipeline import RunData
 from moe.data.vocab import BOS_ID, EOS_ID
 from moe.eval import bleu, decoding
+from moe.parallel.expert_parallel import token_groups
+from moe.training import build
 from moe.training.sharding import Placement
 from moe.training.step import LossWeights, eval_step
 
 Usage = dict[str, dict[str, list[float]]]  # {layer: {task: load [E]}}
+COUNTS = ("coactivation", "first_coactivation", "transition", "routed_tokens")
+
+
+class RoutingTotals:
+    """Sums over evaluation batches of the co-activation stats, per task and MoE layer."""
+
+    def __init__(self):
+        self.sums: dict[tuple[str, str], dict[str, np.ndarray]] = {}
+        self.batches: dict[tuple[str, str], int] = {}
+
+    def add(self, task: str, moe_stats: dict[str, dict[str, Any]]) -> None:
+        for layer, stats in moe_stats.items():
+            if "coactivation" not in stats:
+                continue
+            sums = self.sums.setdefault((task, layer), {})
+            for name in COUNTS:
+                if name in stats:
+                    value = np.asarray(stats[name], np.float64)
+                    sums[name] = sums.get(name, 0.0) + value
+            self.batches[(task, layer)] = self.batches.get((task, layer), 0) + 1
+
+    def summary(self, exp: Experiment, step: int, split: str, groups: int) -> rf.RoutingStats:
+        """Means per batch (and per routing group, as the blocks report them)."""
+        previous: dict[str, str | None] = {}
+        last: dict[str, str] = {}
+        for layer in exp.moe_layers:
+            stack = layer.split("/")[0]
+            previous[layer] = last.get(stack)
+            last[stack] = layer
+        tasks: dict[str, dict[str, rf.LayerRouting]] = {}
+        for (task, layer), sums in self.sums.items():
+            n = self.batches[(task, layer)]
+            mean = {k: v / n for k, v in sums.items()}
+            tasks.setdefault(task, {})[layer] = rf.LayerRouting(
+                batches=n,
+                routed_tokens=float(mean["routed_tokens"]),
+                coactivation=mean["coactivation"].tolist(),
+                first_coactivation=mean["first_coactivation"].tolist(),
+                previous=previous[layer] if "transition" in mean else None,
+                transition=mean["transition"].tolist() if "transition" in mean else None,
+            )
+        return rf.RoutingStats(
+            step=step, split=split, groups=groups, batch_size=exp.eval.batch_size, tasks=tasks
+        )
 
 
 def _rows(host: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -44,6 +95,7 @@ class Evaluator:
 
     def __init__(self, exp: Experiment, data: RunData | None, placement: Placement):
         self.exp, self.data, self.placement = exp, data, placement
+        self._stats_graphdef = None
 
     def _program(self, kind: str, make: Callable[[], Callable]) -> Callable:
         key = (kind, self.placement.graphdef)
@@ -55,11 +107,14 @@ class Evaluator:
         """``fn(params, batch) -> metrics`` (``moe.training.step.eval_step``), jitted once."""
         exp = self.exp
         weights = LossWeights(aux=exp.moe.aux_loss_weight, z=exp.moe.z_loss_weight)
+        if self._stats_graphdef is None:  # the same model with routing stats (module doc)
+            model = nnx.eval_shape(lambda: build.build_model(exp, routing_stats=True))
+            self._stats_graphdef = nnx.split(model, nnx.Param)[0]
         return self._program(
             "eval",
             lambda: functools.partial(
                 eval_step,
-                graphdef=self.placement.graphdef,
+                graphdef=self._stats_graphdef,
                 weights=weights,
                 num_tasks=len(self.data.tasks),
             ),
@@ -70,10 +125,15 @@ class Evaluator:
         return jax.device_get(self.eval_step()(params, self.placement.batch(_rows(host))))
 
     def perplexities(
-        self, params: Any, split: str, max_batches: int | None = None
+        self,
+        params: Any,
+        split: str,
+        max_batches: int | None = None,
+        routing: RoutingTotals | None = None,
     ) -> tuple[dict[str, rf.TaskEval], Usage]:
         """Per task, loss and perplexity over up to ``max_batches`` (default ``eval.batches``)
-        batches of its ``split``; and per layer, each task's expert usage."""
+        batches of its ``split``; and per layer, each task's expert usage. ``routing``, if
+        given, collects the batches' co-activation counts."""
         exp = self.exp
         limit = exp.eval.batches if max_batches is None else max_batches
         out: dict[str, rf.TaskEval] = {}
@@ -83,6 +143,8 @@ class Evaluator:
             loads: dict[str, list[np.ndarray]] = {}
             for host in self.data.eval_batches(ti, split, exp.eval.batch_size, limit):
                 m = self.metrics(params, host)
+                if routing is not None:
+                    routing.add(task.name, m["moe"])
                 nll += float(m["task_nll"][ti])
                 tokens += float(m["task_tokens"][ti])
                 for layer, stats in m["moe"].items():
@@ -166,7 +228,12 @@ class Evaluator:
     def full(self, run_dir: Path, params: Any, split: str, step: int) -> rf.EvalSummary:
         """Final evaluation of every task; writes eval files and ``eval/summary.json``."""
         exp, primary = self.exp, jax.process_index() == 0
-        tasks, usage = self.perplexities(params, split, max_batches=10**9)
+        routing = RoutingTotals()
+        tasks, usage = self.perplexities(params, split, max_batches=10**9, routing=routing)
+        if primary and routing.sums:
+            groups = token_groups(self.placement.mesh)
+            stats = routing.summary(exp, step, split, groups)
+            rf.write_json(run_dir / "eval" / "routing_stats.json", stats)
         for ti, task in enumerate(self.data.tasks):
             row = tasks[task.name]
             if task.kind != "translate" or not exp.eval.bleu_examples:
