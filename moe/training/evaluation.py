@@ -31,6 +31,7 @@ from moe.config import Experiment
 from moe.data.pipeline import RunData
 from moe.data.vocab import BOS_ID, EOS_ID
 from moe.eval import bleu, decoding
+from moe.layers.router import RouterBias
 from moe.parallel.expert_parallel import token_groups
 from moe.training import build
 from moe.training.sharding import Placement
@@ -109,7 +110,7 @@ class Evaluator:
         weights = LossWeights(aux=exp.moe.aux_loss_weight, z=exp.moe.z_loss_weight)
         if self._stats_graphdef is None:  # the same model with routing stats (module doc)
             model = nnx.eval_shape(lambda: build.build_model(exp, routing_stats=True))
-            self._stats_graphdef = nnx.split(model, nnx.Param)[0]
+            self._stats_graphdef = nnx.split(model, nnx.Param, RouterBias)[0]
         return self._program(
             "eval",
             lambda: functools.partial(

@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from moe import config as cfg
@@ -32,7 +31,7 @@ from moe.training import build
 from moe.training import state as state_lib
 from moe.training.checkpoint import Checkpointer
 from moe.training.evaluation import Evaluator
-from moe.training.metrics_log import MetricsLog
+from moe.training.metrics_log import MetricsLog, accumulate
 from moe.training.projection import pod_summary
 from moe.training.restore import restore
 from moe.training.sharding import Placement
@@ -109,7 +108,7 @@ def train(
     step_fn = placement.jit_train_step(
         make_train_step(exp, placement.graphdef, placement.optimizer, len(data.tasks)), len(hook)
     )
-    add = jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b))  # metrics summed on device
+    add = jax.jit(accumulate)  # metrics summed on device between log lines
     key = jax.random.key(exp.train.seed)
     evaluator = Evaluator(exp, data, placement)
 

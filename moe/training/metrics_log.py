@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 from pydantic import BaseModel
 
@@ -113,10 +114,24 @@ class MetricsLog:
             self._tb.close()
 
 
-def _mean(value: Any, steps: int) -> Any:
+# Metrics that are a state, not a per-step figure: the window keeps the last step's value.
+LAST_VALUE = ("router_bias",)
+
+
+def accumulate(window: dict[str, Any], step: dict[str, Any]) -> dict[str, Any]:
+    """A window's metrics after one more step: sums, except ``LAST_VALUE`` ones (jit it)."""
+
+    def one(path, a, b):
+        last = jax.tree_util.keystr(path[-1:], simple=True) in LAST_VALUE
+        return b if last else a + b
+
+    return jax.tree_util.tree_map_with_path(one, window, step)
+
+
+def _mean(value: Any, steps: int, key: str = "") -> Any:
     if isinstance(value, dict):
-        return {k: _mean(v, steps) for k, v in value.items()}
-    return np.asarray(value, np.float64) / steps
+        return {k: _mean(v, steps, k) for k, v in value.items()}
+    return np.asarray(value, np.float64) / (1 if key in LAST_VALUE else steps)
 
 
 def _step(line: str) -> int | None:
