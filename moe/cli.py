@@ -303,9 +303,13 @@ def _start_jax(exp) -> None:
         )
     ensure_virtual_devices(exp.pod_devices // ranks)
     if ranks > 1:
-        from moe.parallel.distributed import initialize
+        from moe.parallel.distributed import collectives_backend, initialize
 
-        initialize(ranks)
+        try:
+            collectives_backend(exp.pod.collectives, os.environ)
+        except ValueError as err:
+            raise UserError(str(err)) from None
+        initialize(ranks, collectives=exp.pod.collectives)
 
 
 def _launched_ranks() -> int:

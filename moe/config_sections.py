@@ -149,6 +149,12 @@ class PodConfig(Section):
         description="Mesh axis sizes (data, expert[, model]); -1 = the devices left over.",
     )
     processes: int = Field(1, ge=1, description="Processes (MPI ranks) the job is launched with.")
+    collectives: Literal["auto", "gloo", "mpi"] = Field(
+        "auto",
+        description="Cross-process CPU collectives: auto = gloo (measured fastest that works "
+        "here); mpi = jaxlib's MPItrampoline (opt-in: needs MPITRAMPOLINE_LIB and one device "
+        "per process).",
+    )
 
     @model_validator(mode="after")
     def _axes(self) -> PodConfig:
@@ -156,6 +162,11 @@ class PodConfig(Section):
         if self.num_devices % self.processes:
             raise ValueError(
                 f"pod.processes={self.processes} does not divide the {self.num_devices} devices"
+            )
+        if self.collectives == "mpi" and self.num_devices != self.processes:
+            raise ValueError(
+                f"pod.collectives=mpi needs one device per process (JAX's MPI collectives), but "
+                f"{self.num_devices} devices over pod.processes={self.processes}"
             )
         return self
 

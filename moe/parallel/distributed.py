@@ -1,4 +1,4 @@
-"""One process per MPI rank: JAX's multi-controller runtime over mpi4py, CPU collectives on gloo.
+"""One process per MPI rank: JAX's multi-controller runtime over mpi4py, CPU collectives on gloo (MPI opt-in).
 
 ``mpirun -np N moe train x.yaml`` (or ``moe launch -n N x.yaml``, a thin wrapper) starts N
 processes; each calls :func:`initialize`, owns ``devices / N`` virtual CPU devices (its GPUs or
@@ -46,16 +46,38 @@ def launched_ranks(environ: Mapping[str, str]) -> int:
     return 1
 
 
-def initialize(expected_processes: int, *, heartbeat_timeout_s: int = HEARTBEAT_TIMEOUT_S) -> None:
+def collectives_backend(choice: str, environ: Mapping[str, str]) -> str:
+    """The CPU collectives implementation for ``pod.collectives``: ``auto`` is gloo (MPI
+    through jaxlib's MPItrampoline was not faster with tcmalloc and needs a hand-built MPI
+    wrapper, docs/perf_findings.md); ``mpi`` needs ``MPITRAMPOLINE_LIB`` (else ValueError)."""
+    if choice == "mpi":
+        lib = environ.get("MPITRAMPOLINE_LIB")
+        if not lib or not Path(lib).is_file():
+            raise ValueError(
+                "pod.collectives=mpi needs MPITRAMPOLINE_LIB set to an MPIwrapper library "
+                f"(got {lib!r}); see docs/perf_findings.md, or use pod.collectives=auto"
+            )
+        return "mpi"
+    return "gloo"
+
+
+def initialize(
+    expected_processes: int,
+    *,
+    collectives: str = "auto",
+    heartbeat_timeout_s: int = HEARTBEAT_TIMEOUT_S,
+) -> None:
     """Join the job as one of ``expected_processes`` processes (no-op for 1).
 
-    Must run before any JAX computation. Uses gloo for cross-process CPU collectives and
-    mpi4py to find the coordinator (rank 0's host). Raises ``RuntimeError`` when the job has a
-    different number of processes than expected.
+    Must run before any JAX computation. Uses ``collectives`` (``pod.collectives``: gloo unless
+    MPI is asked for) between processes and mpi4py to find the coordinator (rank 0's host).
+    Raises ``RuntimeError`` when the job has a different number of processes than expected.
     """
     if expected_processes <= 1:
         return
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.config.update(
+        "jax_cpu_collectives_implementation", collectives_backend(collectives, os.environ)
+    )
     # Synchronous dispatch: with gloo every collective already hands work between threads, and
     # async dispatch adds more of those hand-offs on 2 cores (-23% step time, docs/results.md).
     jax.config.update("jax_cpu_enable_async_dispatch", False)
@@ -127,6 +149,7 @@ def launch_command(
     env = dict(os.environ)
     env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
     exported = ["OMPI_ALLOW_RUN_AS_ROOT", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM"]
+    exported += [name for name in ("MPITRAMPOLINE_LIB",) if name in env]  # pod.collectives=mpi
     if devices_per_process is not None:
         env["XLA_FLAGS"] = xla_flags_for(devices_per_process, env.get("XLA_FLAGS", ""))
         exported.append("XLA_FLAGS")

@@ -11,7 +11,15 @@ from pathlib import Path
 
 import pytest
 
-from moe.parallel.distributed import failed_rank, launch, launch_command, launched_ranks
+from moe import config as cfg
+from moe.config_io import ConfigError
+from moe.parallel.distributed import (
+    collectives_backend,
+    failed_rank,
+    launch,
+    launch_command,
+    launched_ranks,
+)
 
 WORKER = Path(__file__).with_name("dist_worker.py")
 
@@ -38,6 +46,31 @@ def test_launch_command_runs_the_cli_under_mpirun():
     assert cmd[-4:] == ["-m", "moe.cli", "train", "x.yaml"]
     assert env["OMPI_ALLOW_RUN_AS_ROOT"] == "1" and env["OMPI_ALLOW_RUN_AS_ROOT_CONFIRM"] == "1"
     assert env["XLA_FLAGS"].endswith("--xla_force_host_platform_device_count=4")
+
+
+def test_collectives_default_to_gloo_and_mpi_is_an_explicit_opt_in(tmp_path):
+    assert collectives_backend("auto", {}) == "gloo"
+    assert collectives_backend("gloo", {"MPITRAMPOLINE_LIB": "/x"}) == "gloo"
+    with pytest.raises(ValueError, match="MPITRAMPOLINE_LIB"):
+        collectives_backend("mpi", {})
+    with pytest.raises(ValueError, match="MPITRAMPOLINE_LIB"):
+        collectives_backend("mpi", {"MPITRAMPOLINE_LIB": str(tmp_path / "missing.so")})
+    lib = tmp_path / "libmpiwrapper.so"
+    lib.write_bytes(b"")
+    assert collectives_backend("mpi", {"MPITRAMPOLINE_LIB": str(lib)}) == "mpi"
+    cmd, _ = launch_command(2, ["train", "x.yaml"])
+    assert "MPITRAMPOLINE_LIB" not in cmd
+
+
+def test_mpi_collectives_need_one_device_per_process():
+    tasks = [{"name": "lm", "kind": "lm", "source": "gettext:de"}]
+
+    def pod(slice_: str) -> dict:
+        return {"pod": {"slice": slice_, "processes": 2, "collectives": "mpi"}, "tasks": tasks}
+
+    assert cfg.from_dict(pod("2")).pod.collectives == "mpi"
+    with pytest.raises(ConfigError, match="one device per process"):
+        cfg.from_dict(pod("8"))
 
 
 @pytest.mark.slow
