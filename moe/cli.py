@@ -15,6 +15,7 @@ alive (that teardown segfaulted); a signal the main thread cannot take within a 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -92,8 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     if program and (status >= 128 or (status and _launched_ranks() > 1)):
         # No interpreter teardown with XLA's threads alive, and no distributed shutdown barrier
         # for ranks whose peers are failing the same way (it waited 30 s, then a traceback).
-        sys.stdout.flush()
-        sys.stderr.flush()
+        _flush()
         os._exit(status)
     return status
 
@@ -118,8 +118,15 @@ def _interrupted(signum: int) -> int:
     """Print the one interrupt line (once; not on the ranks of a launched job, whose launcher
     speaks for them) and return the exit status."""
     if _said.acquire(blocking=False) and _rank() == 0 and not os.environ.get(LAUNCHER_ENV):
-        print(_interrupt_line(signum), file=sys.stderr, flush=True)
+        with contextlib.suppress(OSError):  # stderr may be a pipe to a launcher that is gone
+            print(_interrupt_line(signum), file=sys.stderr, flush=True)
     return 128 + int(signum)
+
+
+def _flush() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a broken pipe must not stop the exit
+            stream.flush()
 
 
 def _interrupt_line(signum: int) -> str:
@@ -156,7 +163,7 @@ def _guard_signals() -> None:
             if got:
                 time.sleep(_state["grace_s"])
                 status = _interrupted(got[0])
-                sys.stderr.flush()
+                _flush()
                 os._exit(status)
 
     threading.Thread(target=watch, name="moe-signals", daemon=True).start()

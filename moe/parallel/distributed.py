@@ -22,9 +22,10 @@ on the dead peer. Three guards, from fastest to slowest:
 Stopping the launcher stops the job: :func:`launch` forwards SIGTERM, SIGINT and SIGHUP to
 ``mpirun`` (which passes them on to the ranks), waits for it, and raises :class:`Stopped`.
 
-On one host every listener binds to the loopback: ``mpirun``'s own daemons (``--mca
-oob_tcp_if_include lo``), the JAX coordination service (``127.0.0.1``) and gloo (interface
-``lo``). Across hosts, ``MOE_NET_IF`` names the interface to use instead.
+On one host the job's listeners bind to the loopback: the JAX coordination service
+(``127.0.0.1``) and gloo (interface ``lo``); MPI itself uses shared memory (``--mca btl
+^tcp``: its TCP transport binds every interface); mpirun's own daemon is the exception (see
+:func:`launch_command`). Across hosts, ``MOE_NET_IF`` names the interface to use instead.
 """
 
 from __future__ import annotations
@@ -202,12 +203,14 @@ def start_watchdog(poll_s: float = 1.0) -> threading.Thread:
             lost = parent if os.getppid() != parent else None
             lost = lost or (launcher if launcher and gone(launcher) else None)
             if lost:
-                print(
-                    f"moe: rank {rank}: launcher (pid {lost}) is gone; ending this rank",
-                    file=sys.stderr,
-                    flush=True,
-                )
-                os._exit(70)
+                try:  # stderr may be a pipe to the launcher that is gone
+                    print(
+                        f"moe: rank {rank}: launcher (pid {lost}) is gone; ending this rank",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                finally:
+                    os._exit(70)
 
     thread = threading.Thread(target=watch, name="moe-watchdog", daemon=True)
     thread.start()
@@ -242,8 +245,16 @@ def launch_command(
         exported.append("XLA_FLAGS")
     program = list(program) if program is not None else [sys.executable, "-m", "moe.cli"]
     cmd = [mpirun_path(), "--oversubscribe", "--bind-to", "none", "-np", str(n)]
-    interface = env.get(NET_IF_ENV) or "lo"  # one host: mpirun's daemons on the loopback only
-    cmd += ["--mca", "oob_tcp_if_include", interface, "--mca", "btl_tcp_if_include", interface]
+    # MPI's own transport: shared memory on one host; TCP on the interface MOE_NET_IF names.
+    # mpirun's daemon (PRRTE) refuses the loopback for its out-of-band listener (``--prtemca
+    # oob_tcp_if_include lo``: "No network interfaces were found", Open MPI 5.0.11), so that one
+    # listener is only narrowed when MOE_NET_IF names a real interface.
+    interface = env.get(NET_IF_ENV)
+    if interface:
+        cmd += ["--mca", "btl_tcp_if_include", interface]
+        cmd += ["--prtemca", "oob_tcp_if_include", interface]
+    else:  # one host: shared memory between the ranks, no TCP transport (it binds 0.0.0.0)
+        cmd += ["--mca", "btl", "^tcp"]
     exported += [name for name in (NET_IF_ENV, "MOE_RUN_DIR_LOCKED") if name in env]
     for name in exported:
         cmd += ["-x", name]

@@ -51,7 +51,11 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, create=True, enable_async_checkpointing=False
         )
-        self._mgr = ocp.CheckpointManager(self.directory, options=options)
+        handlers = {  # named up front: the saved metadata is readable before any restore
+            "state": ocp.StandardCheckpointHandler(),
+            "meta": ocp.JsonCheckpointHandler(),
+        }
+        self._mgr = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
     def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
         leaves, names = _leaf_names(state)
