@@ -548,8 +548,14 @@ def _start(args, root, **kw) -> subprocess.Popen:
     err = open(root / "stderr.txt", "w")  # noqa: SIM115 - closed with the process
     return subprocess.Popen(
         [sys.executable, "-m", "moe.cli", *map(str, args)],
-        stdout=err, stderr=err, env=env, start_new_session=True, **kw,
+        stdout=err, stderr=err, env=env, start_new_session=True, preexec_fn=_default_sigint, **kw,
     )  # fmt: skip
+
+
+def _default_sigint() -> None:
+    """A shell's background job (``cmd &``) inherits SIGINT ignored, and Python then never
+    raises KeyboardInterrupt; the processes under test get Ctrl-C as a terminal would give it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _wait_for(root: Path, text: str, proc, timeout=300.0) -> None:
@@ -640,3 +646,70 @@ def test_stopping_the_launcher_stops_the_whole_job(tmp_path, how):
         assert status == 143, err[-2000:]
         assert "Traceback" not in err
         assert err.strip().splitlines()[-1].startswith("moe: stopped by SIGTERM")
+
+
+# --- the launcher, with a stand-in for mpirun ------------------------------------------------
+
+FAKE_MPIRUN = """#!/bin/sh
+trap 'echo "mpirun got TERM" >> "$FAKE_LOG"; exit 9' TERM
+trap 'echo "mpirun got INT" >> "$FAKE_LOG"; exit 9' INT
+trap 'echo "mpirun got HUP" >> "$FAKE_LOG"; exit 9' HUP
+case "$FAKE_MODE" in
+  user_error)
+    echo "moe: error: tasks.0.source=tsv:x: no usable examples"
+    echo "moe: error: tasks.0.source=tsv:x: no usable examples"
+    echo "--------------------------------------------------------------------------"
+    echo "prterun detected that one or more processes exited with non-zero status"
+    exit 2 ;;
+  *)
+    echo "started" >> "$FAKE_LOG"
+    while true; do sleep 0.1; done ;;
+esac
+"""
+
+
+@pytest.fixture
+def fake_mpirun(tmp_path, monkeypatch):
+    from moe.parallel import distributed
+
+    path = tmp_path / "mpirun"
+    path.write_text(FAKE_MPIRUN)
+    path.chmod(0o755)
+    monkeypatch.setattr(distributed, "mpirun_path", lambda: str(path))
+    monkeypatch.setenv("FAKE_LOG", str(tmp_path / "log"))
+    return tmp_path / "log"
+
+
+def test_a_user_error_on_every_rank_is_one_line_and_status_2(capfd, fake_mpirun, monkeypatch):
+    from moe.parallel.distributed import launch
+
+    monkeypatch.setenv("FAKE_MODE", "user_error")
+    assert launch(2, ["train", "x.yaml"]) == 2
+    lines = [x for x in capfd.readouterr().err.splitlines() if x.strip()]
+    assert lines == ["moe: error: tasks.0.source=tsv:x: no usable examples"]
+
+
+@pytest.mark.parametrize("name", ["SIGTERM", "SIGINT", "SIGHUP"])
+def test_a_signal_to_the_launcher_is_forwarded_to_mpirun(capfd, fake_mpirun, monkeypatch, name):
+    import threading
+
+    from moe.errors import Stopped
+    from moe.parallel.distributed import launch
+
+    monkeypatch.setenv("FAKE_MODE", "run")
+    sig = getattr(signal, name)
+
+    def send():
+        for _ in range(200):
+            if fake_mpirun.exists():
+                break
+            time.sleep(0.05)
+        os.kill(os.getpid(), sig)
+
+    threading.Thread(target=send, daemon=True).start()
+    with pytest.raises(Stopped) as stopped:
+        launch(2, ["train", "x.yaml"], kill_after_s=5)
+    assert stopped.value.signum == sig
+    assert fake_mpirun.read_text().splitlines()[-1] == f"mpirun got {name[3:]}"
+    assert signal.getsignal(sig) is not None  # the previous handler is back
+    capfd.readouterr()
