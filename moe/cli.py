@@ -8,9 +8,8 @@ User errors (bad config, missing files, bad data) print one line and exit with s
 Interrupts: Ctrl-C, SIGTERM or SIGHUP at any phase print one line saying what is kept and exit
 ``128 + signal`` (130 for Ctrl-C). The program (not a call of :func:`main` from Python) leaves
 through ``os._exit`` after flushing, so no interpreter teardown runs while XLA's threads are
-alive (that teardown segfaulted); a signal the main thread cannot take within a few seconds
-(it is inside XLA, e.g. compiling) is acted on by a watcher thread woken through
-``signal.set_wakeup_fd``.
+alive (that teardown segfaulted); see :func:`_guard_signals`. A launcher forwards the signal
+to mpirun and waits for it first (``moe.parallel.distributed.launch``).
 """
 
 from __future__ import annotations
@@ -24,12 +23,12 @@ import time
 from pathlib import Path
 
 from moe import cli_args, rundir
-from moe.errors import Stopped, UserError
+from moe.errors import UserError
 
 EXIT_USER_ERROR = 2
 LAUNCHER_ENV = "MOE_LAUNCHER_PID"  # = moe.parallel.distributed.LAUNCHER_ENV (no JAX import here)
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-_state = {"run_dir": None, "grace_s": 5.0}  # what an interrupt line reports; the watcher's wait
+_state = {"run_dir": None, "grace_s": 3.0}  # what an interrupt line reports; the watcher's wait
 _said = threading.Lock()  # the interrupt line is printed once, by whichever thread comes first
 # tcmalloc, preloaded when installed (scripts/_venv.sh installs Debian's libtcmalloc-minimal4):
 # glibc's malloc gives XLA's freed buffers back to the kernel, and every step then page-faults
@@ -144,14 +143,21 @@ def _interrupt_line(signum: int) -> str:
 
 
 def _guard_signals() -> None:
-    """SIGTERM and SIGHUP raise :class:`Stopped` like Ctrl-C raises KeyboardInterrupt; a thread
-    woken by the C-level wakeup fd ends the process if the main thread has not handled the
-    signal within ``grace_s`` (it is inside XLA, where Python signal handlers cannot run)."""
+    """SIGINT, SIGTERM and SIGHUP (those not ignored: ``nohup``, a background job) end the
+    program at once with the interrupt line: no exception unwinds through JAX (a
+    KeyboardInterrupt raised while tracing came out as a SystemError traceback). Checkpoints
+    are written atomically and a cut metrics line is dropped on resume, so nothing needs the
+    unwinding. A Python handler runs only between bytecodes of the main thread; a thread woken
+    by the C-level wakeup fd ends the process when the main thread is inside XLA (compiling)
+    for more than ``grace_s``."""
 
     def stop(signum, _frame):
-        raise Stopped(signum)
+        status = _interrupted(signum)
+        _flush()
+        os._exit(status)
 
-    for sig in (signal.SIGTERM, signal.SIGHUP):
+    watched = [sig for sig in STOP_SIGNALS if signal.getsignal(sig) is not signal.SIG_IGN]
+    for sig in watched:
         signal.signal(sig, stop)
     read, write = os.pipe()
     os.set_blocking(write, False)
@@ -159,7 +165,7 @@ def _guard_signals() -> None:
 
     def watch():
         while True:
-            got = [b for b in os.read(read, 64) if b in STOP_SIGNALS]
+            got = [b for b in os.read(read, 64) if b in watched]
             if got:
                 time.sleep(_state["grace_s"])
                 status = _interrupted(got[0])
