@@ -714,3 +714,16 @@ def test_a_signal_to_the_launcher_is_forwarded_to_mpirun(capfd, fake_mpirun, mon
     assert fake_mpirun.read_text().splitlines()[-1] == f"mpirun got {name[3:]}"
     assert signal.getsignal(sig) is not None  # the previous handler is back
     capfd.readouterr()
+
+
+@pytest.mark.slow
+def test_a_data_error_on_every_rank_ends_the_job_at_once(tmp_path):
+    """A source that passes the launcher's checks but has no usable examples: both ranks fail
+    alike; one line, status 2, no barrier timeout (it was 36 s, 59 lines, status 1)."""
+    config = tiny_config(tmp_path, pod=TWO)
+    (tmp_path / "bad.tsv").write_text("no tab here\n")
+    proc = _start(["train", config, f"tasks.0.source=tsv:{tmp_path / 'bad.tsv'}"], tmp_path)
+    status = proc.wait(timeout=120)
+    lines = (tmp_path / "stderr.txt").read_text().strip().splitlines()
+    lines = [x for x in lines if not x.startswith("moe: launching")]
+    assert_one_line(status, lines, "no usable examples")
