@@ -305,10 +305,12 @@ def launch(
         cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
         start_new_session=True, preexec_fn=lambda: die_with_parent(prctl=prctl),
     ) as proc:  # fmt: skip
+        killer = threading.Timer(kill_after_s, proc.kill)  # if mpirun lingers after a signal
+        killer.daemon = True
 
         def forward(signum, _frame):
             if not received:
-                threading.Timer(kill_after_s, proc.kill).start()
+                killer.start()
             received.append(signum)
             proc.send_signal(signum)
 
@@ -324,6 +326,7 @@ def launch(
                     sys.stderr.write(line)
             status = proc.wait()
         finally:
+            killer.cancel()
             _handle(previous)
     if received:
         raise Stopped(received[0])
