@@ -588,7 +588,6 @@ INTERRUPTS = [
     ("SIGINT", "at start-up", None, 1.5),
     ("SIGINT", "during data preparation", "moe: task rev", 0.0),
     ("SIGINT", "while compiling", "parameters,", 0.5),
-    ("SIGTERM", "while compiling", "parameters,", 0.5),
 ]
 
 
