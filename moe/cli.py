@@ -209,7 +209,6 @@ def _dispatch(args, argv: list[str]) -> int:
         run_dir = _train_dir(exp, args.run_dir)
         if exp.pod.processes > 1 and _launched_ranks() == 1:
             # pod.processes > 1 outside mpirun: start the ranks ourselves (= moe launch).
-            print(f"moe: launching {exp.pod.processes} processes with mpirun", file=sys.stderr)
             return _launch_training(exp, exp.pod.processes, argv, run_dir)
         _start_jax(exp)
         from moe.training.loop import train
@@ -267,6 +266,7 @@ def _launch_training(exp, n: int, argv: list[str], run_dir: Path) -> int:
     for task in exp.tasks:
         check_source(task.source, kind=task.kind, locale_root=exp.data.locale_dir)
     with rundir.locked(run_dir):
+        print(f"moe: launching {n} processes with mpirun", file=sys.stderr)
         os.environ[rundir.HELD_ENV] = str(run_dir.absolute())
         _state["grace_s"] = 20.0  # launch() forwards the signal and waits up to 10 s for mpirun
         try:
