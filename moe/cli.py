@@ -4,18 +4,32 @@ translate | quantize | distill | place.
 This is the only module that reads argv and the environment. It sets up the simulated pod's
 virtual devices *before* JAX is imported, so nothing heavy is imported at module level here.
 User errors (bad config, missing files, bad data) print one line and exit with status 2.
+
+Interrupts: Ctrl-C, SIGTERM or SIGHUP at any phase print one line saying what is kept and exit
+``128 + signal`` (130 for Ctrl-C). The program (not a call of :func:`main` from Python) leaves
+through ``os._exit`` after flushing, so no interpreter teardown runs while XLA's threads are
+alive (that teardown segfaulted); see :func:`_guard_signals`. A launcher forwards the signal
+to mpirun and waits for it first (``moe.parallel.distributed.launch``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import sys
+import threading
+import time
 from pathlib import Path
 
-from moe import cli_args
+from moe import cli_args, rundir
 from moe.errors import UserError
 
 EXIT_USER_ERROR = 2
+LAUNCHER_ENV = "MOE_LAUNCHER_PID"  # = moe.parallel.distributed.LAUNCHER_ENV (no JAX import here)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+_state = {"run_dir": None, "grace_s": 3.0}  # what an interrupt line reports; the watcher's wait
+_said = threading.Lock()  # the interrupt line is printed once, by whichever thread comes first
 # tcmalloc, preloaded when installed (scripts/_venv.sh installs Debian's libtcmalloc-minimal4):
 # glibc's malloc gives XLA's freed buffers back to the kernel, and every step then page-faults
 # them in again (~50k faults a step; 12-47% of the step time, docs/results.md).
@@ -67,9 +81,23 @@ def _place_command(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    if argv is None:  # the program itself (not a call from Python): a faster allocator first
+    program = argv is None
+    if program:  # the program itself (not a call from Python): a faster allocator first
         _preload_tcmalloc(sys.argv[1:])
-    argv = list(sys.argv[1:] if argv is None else argv)
+        _guard_signals()
+    try:
+        status = _main(list(sys.argv[1:] if argv is None else argv))
+    except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM/SIGHUP (Stopped) at any phase
+        status = _interrupted(getattr(err, "signum", signal.SIGINT))
+    if program and (status >= 128 or (status and _launched_ranks() > 1)):
+        # No interpreter teardown with XLA's threads alive, and no distributed shutdown barrier
+        # for ranks whose peers are failing the same way (it waited 30 s, then a traceback).
+        _flush()
+        os._exit(status)
+    return status
+
+
+def _main(argv: list[str]) -> int:
     parser = cli_args.parser()
     args, extra = parser.parse_known_args(argv)
     # Overrides may follow options (`moe pod plan c.yaml --slice tpu-v3:4x4 moe.top_k=1`).
@@ -83,9 +111,68 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(str(err))
     except FileNotFoundError as err:
         return _fail(f"{err.filename}: no such file or directory")
-    except KeyboardInterrupt:
-        print("moe: interrupted; the last checkpoint is kept, `moe train` resumes", file=sys.stderr)
-        return 130
+
+
+def _interrupted(signum: int) -> int:
+    """Print the one interrupt line (once; not on the ranks of a launched job, whose launcher
+    speaks for them) and return the exit status."""
+    if _said.acquire(blocking=False) and _rank() == 0 and not os.environ.get(LAUNCHER_ENV):
+        with contextlib.suppress(OSError):  # stderr may be a pipe to a launcher that is gone
+            print(_interrupt_line(signum), file=sys.stderr, flush=True)
+    return 128 + int(signum)
+
+
+def _flush() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a broken pipe must not stop the exit
+            stream.flush()
+
+
+def _interrupt_line(signum: int) -> str:
+    what = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
+    run_dir = _state["run_dir"]
+    if run_dir is None:
+        return f"moe: {what}"
+    steps = rundir.checkpoint_steps(run_dir)
+    if not steps:
+        return f"moe: {what} before the first checkpoint of {run_dir}; `moe train` starts it anew"
+    return (
+        f"moe: {what}; the last checkpoint (step {steps[-1]}) is kept in {run_dir}; "
+        "`moe train` resumes from it"
+    )
+
+
+def _guard_signals() -> None:
+    """SIGINT, SIGTERM and SIGHUP (those not ignored: ``nohup``, a background job) end the
+    program at once with the interrupt line: no exception unwinds through JAX (a
+    KeyboardInterrupt raised while tracing came out as a SystemError traceback). Checkpoints
+    are written atomically and a cut metrics line is dropped on resume, so nothing needs the
+    unwinding. A Python handler runs only between bytecodes of the main thread; a thread woken
+    by the C-level wakeup fd ends the process when the main thread is inside XLA (compiling)
+    for more than ``grace_s``."""
+
+    def stop(signum, _frame):
+        status = _interrupted(signum)
+        _flush()
+        os._exit(status)
+
+    watched = [sig for sig in STOP_SIGNALS if signal.getsignal(sig) is not signal.SIG_IGN]
+    for sig in watched:
+        signal.signal(sig, stop)
+    read, write = os.pipe()
+    os.set_blocking(write, False)
+    signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+
+    def watch():
+        while True:
+            got = [b for b in os.read(read, 64) if b in watched]
+            if got:
+                time.sleep(_state["grace_s"])
+                status = _interrupted(got[0])
+                _flush()
+                os._exit(status)
+
+    threading.Thread(target=watch, name="moe-signals", daemon=True).start()
 
 
 def _fail(message: str) -> int:
@@ -106,27 +193,26 @@ def _dispatch(args, argv: list[str]) -> int:
         print(cfg.dump(_load(args.config, args.overrides)), end="")
         return 0
     if args.command == "launch":
+        if args.processes < 1:
+            raise UserError(f"-n {args.processes}: the number of processes must be >= 1")
         exp = _load(args.config, args.overrides)
         if exp.pod_devices % args.processes:
             raise UserError(
                 f"-n {args.processes} does not divide the pod's {exp.pod_devices} devices"
             )
-        from moe.parallel.distributed import launch
-
         n = args.processes
-        return launch(n, ["train", args.config, *args.overrides, f"pod.processes={n}"])
+        exp = _load(args.config, [*args.overrides, f"pod.processes={n}"])
+        train_argv = ["train", args.config, *args.overrides, f"pod.processes={n}"]
+        return _launch_training(exp, n, train_argv, _train_dir(exp, None))
     if args.command == "train":
         exp = _load(args.config, args.overrides)
+        run_dir = _train_dir(exp, args.run_dir)
         if exp.pod.processes > 1 and _launched_ranks() == 1:
             # pod.processes > 1 outside mpirun: start the ranks ourselves (= moe launch).
-            from moe.parallel.distributed import launch
-
-            print(f"moe: launching {exp.pod.processes} processes with mpirun", file=sys.stderr)
-            return launch(exp.pod.processes, argv)
+            return _launch_training(exp, exp.pod.processes, argv, run_dir)
         _start_jax(exp)
         from moe.training.loop import train
 
-        run_dir = Path(args.run_dir) if args.run_dir else Path(exp.runs_dir) / exp.name
         train(exp, run_dir, progress=not args.no_progress and sys.stderr.isatty())
         _report(run_dir)
         return 0
@@ -162,6 +248,31 @@ def _dispatch(args, argv: list[str]) -> int:
         print(plan(exp))
         return 0
     raise UserError(f"unknown command {args.command}")
+
+
+def _train_dir(exp, run_dir: str | None) -> Path:
+    """The run directory a training command writes; an interrupt line reports on it."""
+    _state["run_dir"] = Path(run_dir) if run_dir else Path(exp.runs_dir) / exp.name
+    return _state["run_dir"]
+
+
+def _launch_training(exp, n: int, argv: list[str], run_dir: Path) -> int:
+    """Start ``n`` ranks of a training command with mpirun, after the checks that would fail
+    on every rank alike (the data sources: one line now rather than a rank's traceback after a
+    barrier's timeout), holding the run directory's lock for them."""
+    from moe.data.sources import check_source
+    from moe.parallel.distributed import launch
+
+    for task in exp.tasks:
+        check_source(task.source, kind=task.kind, locale_root=exp.data.locale_dir)
+    with rundir.locked(run_dir):
+        print(f"moe: launching {n} processes with mpirun", file=sys.stderr)
+        os.environ[rundir.HELD_ENV] = str(run_dir.absolute())
+        _state["grace_s"] = 20.0  # launch() forwards the signal and waits up to 10 s for mpirun
+        try:
+            return launch(n, argv)
+        finally:
+            os.environ.pop(rundir.HELD_ENV, None)
 
 
 def _run_config(run_dir: str):

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from moe import config_io
 from moe.config_io import ConfigError as ConfigError  # re-exported: cfg.ConfigError
@@ -41,6 +41,14 @@ class Experiment(Section):
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
+
+    @field_validator("name")
+    @classmethod
+    def _one_directory(cls, name: str) -> str:
+        """The run directory is runs_dir/name: a name may not leave runs_dir."""
+        if "/" in name or "\\" in name or name in (".", "..") or "\0" in name:
+            raise ValueError("must be one directory name inside runs_dir (no '/', not '..')")
+        return name
 
     @model_validator(mode="after")
     def _cross_field(self) -> Experiment:

@@ -13,7 +13,11 @@ from moe.pod.topology import get_slice
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+    # allow_inf_nan=False: `.inf` and `.nan` are never valid settings (learning_rate=.inf used to
+    # train to the end on NaN; capacity_factor_eval=.nan crashed the final evaluation).
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, validate_default=True, allow_inf_nan=False
+    )
 
 
 class ModelConfig(Section):
@@ -30,7 +34,9 @@ class ModelConfig(Section):
     dropout: float = Field(0.1, ge=0.0, lt=1.0, description="Dropout outside the experts.")
     activation: Literal["gelu", "relu"] = Field("gelu", description="Feed-forward activation.")
     vocab_size: int = Field(4000, ge=64, description="Sentencepiece vocabulary size.")
-    max_source_length: int = Field(48, gt=0, description="Source tokens kept per example.")
+    max_source_length: int = Field(
+        48, ge=3, description="Source tokens kept per example (a task tag, >= 1 token, eos)."
+    )
     max_target_length: int = Field(48, gt=1, description="Target tokens kept per example.")
     weight_bits: Literal[0, 4, 8] = Field(
         0,

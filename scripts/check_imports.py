@@ -35,7 +35,7 @@ LIMITS = {
     "module_lines": 450,
 }
 LAYERS = [
-    ["moe", "moe.errors", "moe.config_io", "moe.runfiles"],
+    ["moe", "moe.errors", "moe.config_io", "moe.runfiles", "moe.rundir"],
     ["moe.pod"],  # the hardware model: slices, virtual devices, cost of a compiled program
     ["moe.routing"],  # pure functions of router logits
     ["moe.parallel"],  # axes, meshes, the expert exchange, processes

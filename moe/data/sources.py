@@ -22,6 +22,7 @@ source and the problem.
 from __future__ import annotations
 
 import gettext
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -135,6 +136,37 @@ def load_source(
     return examples, stats
 
 
+def check_source(spec: str, *, kind: str, locale_root: str | Path = DEFAULT_LOCALE_ROOT) -> None:
+    """The cheap part of :func:`load_source`'s checks, reading no data: the scheme, the kind it
+    can serve, that its files exist, that a gettext language has catalogues or a fallback. A
+    launcher runs it before starting MPI ranks, so a bad source fails once, at once."""
+    if kind not in KINDS:
+        raise DataError(f"{spec}: unknown task kind {kind!r} (expected one of {', '.join(KINDS)})")
+    scheme, sep, arg = spec.partition(":")
+    if scheme not in ("gettext", "text", "parallel", "tsv") or not sep or not arg:
+        load_source(spec, kind=kind, locale_root=locale_root)  # raises its own message
+    if scheme == "gettext":
+        lang = arg
+        if not lang or "/" in lang or lang.startswith("."):
+            raise DataError(f"{spec}: {lang!r} is not a language code (e.g. gettext:de)")
+        has_files = any((Path(locale_root) / lang / "LC_MESSAGES").glob("*.mo"))
+        if not has_files and lang not in FALLBACK_LANGS:
+            _read_gettext(spec, lang, Path(locale_root))  # raises its message
+        return
+    if scheme == "text" and kind == "translate":
+        raise DataError(f"{spec}: a text source has no translations; use it for an lm task")
+    if scheme == "parallel":
+        src_path, sep, tgt_path = arg.partition(",")
+        if not sep or not src_path or not tgt_path or "," in tgt_path:
+            raise DataError(f"{spec}: expected parallel:<src_path>,<tgt_path>")
+        paths = [src_path, tgt_path]
+    else:
+        paths = [arg]
+    for path in paths:
+        if not Path(path).is_file():
+            raise DataError(f"{spec}: file not found: {path}")
+
+
 def _dedupe(pairs: list[tuple[str, str]]) -> tuple[list[Example], int]:
     seen: set[tuple[str, str]] = set()
     out = []
@@ -172,7 +204,7 @@ def _read_gettext(
         try:
             with open(path, "rb") as fp:
                 catalog = gettext.GNUTranslations(fp)._catalog  # the only way to enumerate entries
-        except (OSError, UnicodeDecodeError, ValueError, IndexError) as err:
+        except (OSError, UnicodeDecodeError, ValueError, IndexError, struct.error) as err:
             malformed.append(f"{path.name} ({type(err).__name__})")
             continue
         pairs.extend(_catalog_pairs(catalog))

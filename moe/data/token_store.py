@@ -168,6 +168,13 @@ class TokenStore:
             shutil.rmtree(tmp, ignore_errors=True)
         return TokenStore.open(path)
 
+    def verify(self) -> None:
+        """Read every array once; raises ValueError when the store is damaged on disk."""
+        for name in _ARRAYS:
+            value = self._arrays[name].read().result()
+            if len(value) != self.num_rows:
+                raise ValueError(f"{self.path / name}: {len(value)} rows, meta.json says more")
+
     @property
     def num_rows(self) -> int:
         return int(self.meta["rows"])
@@ -215,7 +222,8 @@ def cached_store(
     """The store for these examples under `cache_dir`, built once per content hash.
 
     The hash covers the examples (in order), the vocabulary model, kind, tag and widths; the
-    directory is `<cache_dir>/<name>-<hash>`.
+    directory is `<cache_dir>/<name>-<hash>`. A cached store that does not read back whole
+    (truncated chunks, a bad meta.json) is rebuilt.
     """
     key = ContentHash("token-store").add(vocab.model_hash).add(kind).add(tag_id)
     key.add(max_src_len).add(max_tgt_len)
@@ -223,7 +231,12 @@ def cached_store(
     path = Path(cache_dir) / f"{name}-{key.hexdigest()}"
     with cache_lock(path):
         if (path / "meta.json").is_file():
-            return TokenStore.open(path)
+            try:
+                store = TokenStore.open(path)
+                store.verify()
+                return store
+            except (ValueError, KeyError, OSError):  # a damaged cache entry: build it again
+                shutil.rmtree(path, ignore_errors=True)
         rows = encode_examples(
             examples,
             vocab,

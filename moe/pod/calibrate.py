@@ -145,8 +145,13 @@ def calibrate_cpu(cache: str | Path | None = None, *, refresh: bool = False) -> 
     devices = jax.local_devices(backend="cpu")
     measured = None
     if path is not None and path.is_file() and not refresh:
-        measured = json.loads(path.read_text())
-        if not isinstance(measured, list) or "devices" not in measured[0]:
+        try:
+            measured = json.loads(path.read_text())
+        except ValueError:
+            measured = None  # damaged (e.g. empty): measure again
+        if not (isinstance(measured, list) and measured and isinstance(measured[0], dict)) or (
+            "devices" not in measured[0]
+        ):
             measured = None  # an older format: measure again
     if measured is None:
         measured = [measure(devices[:1])]

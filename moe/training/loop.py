@@ -21,6 +21,7 @@ import jax
 import numpy as np
 
 from moe import config as cfg
+from moe import rundir
 from moe import runfiles as rf
 from moe.data.pipeline import RunData, prepare
 from moe.data.prefetch import Prefetcher
@@ -46,9 +47,11 @@ class RunError(UserError):
 _RESUME_KEYS = ("model", "moe", "tasks", "data", "mixture", "pod")
 
 
-def _prepare_run_dir(exp: cfg.Experiment, run_dir: Path, primary: bool) -> None:
+def _check_run_dir(exp: cfg.Experiment, run_dir: Path) -> None:
+    """A run directory with checkpoints resumes only the same experiment. Without one (a first
+    run that failed before saving anything) the new config simply replaces the old."""
     saved = run_dir / "config.yaml"
-    if saved.is_file():
+    if saved.is_file() and rundir.checkpoint_steps(run_dir):
         old = cfg.load(saved).model_dump(mode="json")
         new = exp.model_dump(mode="json")
         changed = [k for k in _RESUME_KEYS if old.get(k) != new.get(k)]
@@ -57,11 +60,14 @@ def _prepare_run_dir(exp: cfg.Experiment, run_dir: Path, primary: bool) -> None:
                 f"{run_dir} holds a run of a different experiment ({changed[0]} differs); "
                 "choose another name or delete the directory"
             )
-    if primary:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        tmp = saved.with_suffix(".tmp")
-        tmp.write_text(cfg.dump(exp), encoding="utf-8")
-        tmp.replace(saved)
+
+
+def _write_config(exp: cfg.Experiment, run_dir: Path) -> None:
+    saved = run_dir / "config.yaml"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = saved.with_suffix(".tmp")
+    tmp.write_text(cfg.dump(exp), encoding="utf-8")
+    tmp.replace(saved)
 
 
 def train(
@@ -69,13 +75,22 @@ def train(
 ) -> rf.TrainSummary:
     """Train (or resume) ``exp`` in ``run_dir``, then evaluate it (``eval/summary.json``);
     returns the train summary (also ``train_summary.json``). ``teacher`` (``moe distill``: a
-    ``moe.serving.distill.Teacher``) is passed to every step, whose loss then distils it."""
+    ``moe.serving.distill.Teacher``) is passed to every step, whose loss then distils it.
+    The primary process holds the run directory's lock (``moe.rundir``) throughout."""
+    if exp.model.weight_bits:
+        raise UserError(f"{exp.name} is a quantised model (model.weight_bits): inference only")
+    lock = rundir.acquire(run_dir) if jax.process_index() == 0 else None
+    try:
+        return _train(exp, Path(run_dir), progress, teacher)
+    finally:
+        rundir.release(lock)
+
+
+def _train(exp: cfg.Experiment, run_dir: Path, progress: bool, teacher) -> rf.TrainSummary:
     primary = jax.process_index() == 0
     say = functools.partial(print, file=sys.stderr) if primary else (lambda *a, **k: None)
     clock = _Clock()
-    if exp.model.weight_bits:
-        raise UserError(f"{exp.name} is a quantised model (model.weight_bits): inference only")
-    _prepare_run_dir(exp, run_dir, primary)
+    _check_run_dir(exp, run_dir)
 
     # --- Input pipeline (the primary first measures this host's matmul rate, once: the other
     # processes wait for it to build the data anyway) ---------------------------------------------
@@ -83,7 +98,8 @@ def train(
     host_rate = matmul_rate(cache / "matmul_rate.json") if primary else None
     with clock("data"):
         data = prepare(exp, say=say)
-    if primary:  # the run's own copy of its vocabulary (moe translate reads it)
+    if primary:  # the data is good: the run really starts (config.yaml, its vocabulary)
+        _write_config(exp, run_dir)
         shutil.copyfile(data.vocab.path, run_dir / rf.VOCAB_FILE)
 
     # --- Mesh, model and state (parameters born sharded); restore ------------------------------
@@ -91,10 +107,11 @@ def train(
         placement = Placement.for_experiment(exp)
         state = placement.init_state()
         ckpt = Checkpointer(run_dir / "checkpoints", keep=exp.checkpoint.keep)
-        latest = ckpt.latest_step()
+        restored = ckpt.restore_newest(placement.abstract_state, say)
+        latest = restored and restored[0]
         examples_seen = np.zeros(len(data.tasks), np.int64)
-        if latest is not None:
-            state, meta = ckpt.restore(latest, placement.abstract_state)
+        if restored:
+            _, state, meta = restored
             examples_seen += np.asarray(meta.get("examples_seen", 0), np.int64)
     say(
         f"moe: {exp.name}: {state_lib.num_params(state.params) / 1e6:.2f}M parameters, "
@@ -149,24 +166,31 @@ def train(
                         f"moe: step {done}/{exp.train.steps} loss {loss:.3f} {rate or 0:,.0f} tok/s"
                     )
                 if int(jax.device_get(state.bad_steps)) > exp.train.max_bad_steps:
+                    good = ckpt.latest_step()
+                    kept = (
+                        f"the last good checkpoint (step {good}) is kept in {ckpt.directory}"
+                        if good is not None
+                        else "no checkpoint was written"
+                    )
                     raise RunError(
-                        f"loss or gradients non-finite for {exp.train.max_bad_steps}+ "
-                        f"consecutive steps at step {done}; the last good checkpoint is kept in "
-                        f"{run_dir / 'checkpoints'} (lower train.learning_rate?)"
+                        f"loss, gradients or update non-finite or exploding for "
+                        f"{exp.train.max_bad_steps}+ consecutive steps at step {done}; {kept} "
+                        "(lower train.learning_rate?)"
                     )
             bar.update(1)
             if exp.eval.every and done % exp.eval.every == 0 and done < exp.train.steps:
                 with clock("eval"), window.paused(state):
                     result, _ = evaluator.perplexities(state_lib.model_state(state), "valid")
                     log.eval(done, result, "valid")
-            if exp.checkpoint.every and done % exp.checkpoint.every == 0:
+            # Never while steps are being skipped: the good checkpoints would rotate out.
+            if exp.checkpoint.every and done % exp.checkpoint.every == 0 and _good(state):
                 with clock("checkpoint"), window.paused(state):
                     ckpt.save(done, state, {"examples_seen": examples_seen.tolist()})
     finally:
         batches.close()
     bar.close()
     clock.add("train", totals.seconds)
-    if ckpt.latest_step() != exp.train.steps:
+    if ckpt.latest_step() != exp.train.steps and _good(state):
         with clock("checkpoint"):
             ckpt.save(exp.train.steps, state, {"examples_seen": examples_seen.tolist()})
 
@@ -193,6 +217,11 @@ def train(
     log.close()
     ckpt.close()
     return summary
+
+
+def _good(state) -> bool:
+    """The last step was applied (not skipped by the non-finite guard)."""
+    return int(jax.device_get(state.bad_steps)) == 0
 
 
 def host_batch(data: RunData, step: int) -> dict[str, np.ndarray]:

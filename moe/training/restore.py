@@ -8,6 +8,7 @@ definition), the values from the checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -44,8 +45,10 @@ def run_config(run_dir: Path) -> cfg.Experiment:
     return cfg.load(Path(run_dir) / "config.yaml")
 
 
-def restore(run_dir: Path, step: int | None = None) -> Restored:
-    """The parameters of ``run_dir``'s latest (or ``step``) checkpoint, placed on its mesh."""
+def restore(run_dir: Path, step: int | None = None, say=None) -> Restored:
+    """The parameters of ``run_dir``'s latest (or ``step``) checkpoint, placed on its mesh.
+    A damaged latest checkpoint gives way to the newest that restores (one line to ``say``,
+    stderr by default); one written for another model is a ``UserError``."""
     run_dir = Path(run_dir)
     exp = run_config(run_dir)
     placement = Placement.for_experiment(exp)
@@ -55,7 +58,7 @@ def restore(run_dir: Path, step: int | None = None) -> Restored:
         raise UserError(f"{run_dir / 'checkpoints'} holds no checkpoint")
     if step is not None and step not in steps:
         raise UserError(f"{run_dir / 'checkpoints'} has no step {step} (has {steps})")
-    step = max(steps) if step is None else step
-    state, _ = ckpt.restore(step, placement.abstract_state)
+    say = say or (lambda line: print(line, file=sys.stderr))
+    step, state, _ = ckpt.restore_newest(placement.abstract_state, say, step=step)
     ckpt.close()
     return Restored(exp, placement, state.params, step, state.router_bias)

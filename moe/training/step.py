@@ -158,8 +158,9 @@ def train_step(
     accum: int = 1,
     bias_rate: float = 0.0,
 ) -> tuple[TrainState, dict[str, Any]]:
-    """One optimizer step. A non-finite loss or gradient skips the update and is counted
-    (``bad_steps`` consecutive, ``skipped`` total); the loop stops after too many. The router
+    """One optimizer step. A non-finite loss or gradient, or an update that blows the parameters
+    up (``sane_update``), skips the step and is counted (``bad_steps`` consecutive, ``skipped``
+    total); the loop stops after too many. The router
     biases move by ``bias_rate`` against the step's load (``state.update_router_bias``).
     ``teacher``: see ``loss_and_metrics`` (``moe distill``); None trains on the labels."""
     key = jax.random.fold_in(key, state.step)
@@ -167,9 +168,13 @@ def train_step(
         state, graphdef, batch, key, weights, num_tasks, accum, teacher
     )
     grad_norm = optax.tree.norm(grads)
-    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
     updates, new_opt = optimizer.update(grads, state.opt_state, state.params)
     new_params = optax.apply_updates(state.params, updates)
+    finite = (
+        jnp.isfinite(metrics["loss"])
+        & jnp.isfinite(grad_norm)
+        & sane_update(state.params, new_params)
+    )
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
     router_bias, biases = update_router_bias(graphdef, state, metrics["moe"], bias_rate, finite)
     new_state = TrainState(
@@ -185,6 +190,18 @@ def train_step(
     for layer, bias in biases.items():  # the new bias, for metrics.jsonl and the report
         metrics["moe"][layer] = {**metrics["moe"][layer], "router_bias": bias}
     return new_state, metrics
+
+
+# An update may grow the parameters' global norm at most this many times (plus 1) in one step.
+# Real steps change it by a few percent; learning_rate=1e30 multiplies it by ~1e30 while the loss
+# and gradients of that step are still finite.
+MAX_NORM_GROWTH = 1e3
+
+
+def sane_update(old_params, new_params) -> jax.Array:
+    """True when the updated parameters are finite and their global norm has not exploded."""
+    old, new = optax.tree.norm(old_params), optax.tree.norm(new_params)
+    return jnp.isfinite(new) & (new <= MAX_NORM_GROWTH * (old + 1.0))
 
 
 def eval_step(params, batch, *, graphdef, weights, num_tasks) -> dict[str, Any]:

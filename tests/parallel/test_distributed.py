@@ -103,7 +103,16 @@ def test_failed_rank_reads_mpirun_reports():
     assert failed_rank("nothing here") is None
 
 
+def _alive(pid: int) -> bool:
+    try:
+        return open(f"/proc/{pid}/stat").read().split()[2] != "Z"
+    except OSError:
+        return False
+
+
 def test_watchdog_ends_a_rank_whose_launcher_is_gone(tmp_path):
+    """The rank's parent (mpirun's daemon) is killed with SIGKILL: the parent-death signal
+    ends the rank at once (the watchdog's poll is the fallback)."""
     child = textwrap.dedent(
         """
         import time
@@ -127,12 +136,62 @@ def test_watchdog_ends_a_rank_whose_launcher_is_gone(tmp_path):
     assert proc.stdout.readline().strip() == "ready"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    err = tmp_path / "err"
-    for _ in range(200):  # poll: the orphan is not our child, so we cannot wait() for it
-        if "launcher" in err.read_text():
+    for _ in range(100):  # poll: the orphan is not our child, so we cannot wait() for it
+        if not _alive(child_pid):
             break
         time.sleep(0.05)
     else:
         os.kill(child_pid, signal.SIGKILL)
         pytest.fail("the orphaned rank did not end")
-    assert "is gone; ending this rank" in err.read_text()
+
+
+def test_watchdog_ends_a_rank_whose_moe_launcher_is_gone(tmp_path):
+    """The ``moe`` launcher (MOE_LAUNCHER_PID, not the rank's parent) dies: the watchdog ends
+    the rank, saying so, although its own parent lives on."""
+    launcher = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    child = textwrap.dedent(
+        """
+        import time
+        from moe.parallel.distributed import start_watchdog
+        start_watchdog(poll_s=0.1)
+        print("ready", flush=True)
+        time.sleep(60)
+        """
+    )
+    env = {**os.environ, "MOE_LAUNCHER_PID": str(launcher.pid)}
+    rank = subprocess.Popen(
+        [sys.executable, "-c", child], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, env=env,
+    )  # fmt: skip
+    assert rank.stdout.readline().strip() == "ready"
+    launcher.kill()
+    launcher.wait()
+    try:
+        status = rank.wait(timeout=10)
+    finally:
+        rank.kill()
+    assert status == 70
+    assert f"launcher (pid {launcher.pid}) is gone; ending this rank" in rank.stderr.read()
+
+
+def test_parent_death_signal_is_set_in_the_child():
+    """``die_with_parent`` in a child of a process that then exits: the child gets SIGTERM."""
+    code = textwrap.dedent(
+        """
+        import os, signal, subprocess, sys, time
+        child = subprocess.Popen([sys.executable, "-c",
+            "from moe.parallel.distributed import die_with_parent; import time, sys; "
+            "assert die_with_parent(); print('set', flush=True); time.sleep(30)"],
+            stdout=subprocess.PIPE, text=True)
+        assert child.stdout.readline().strip() == "set"
+        print(child.pid, flush=True)
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    pid = int(out.stdout.split()[-1])
+    for _ in range(100):
+        if not _alive(pid):
+            return
+        time.sleep(0.05)
+    os.kill(pid, signal.SIGKILL)
+    pytest.fail("the child outlived its parent")

@@ -160,3 +160,29 @@ def test_moe_eval_evaluates_a_named_checkpoint_and_keeps_the_metrics(reference_r
     summary = json.loads((run_dir / "eval" / "summary.json").read_text())
     assert summary["step"] == 8 and summary["split"] == "valid"
     assert summary["tasks"]["rev"]["perplexity"] > 1
+
+
+@pytest.mark.slow
+def test_an_exploding_update_never_costs_the_last_good_checkpoint(reference_run, tmp_path):
+    """learning_rate=1e30 after a good run: the update is finite but blows the weights up. The
+    guard skips it, nothing is saved while steps are skipped (keep=2 would rotate the good ones
+    out), and the stop message names the checkpoint that really is kept."""
+    import shutil
+
+    from moe.training.loop import RunError
+
+    _, ref_dir, _ = reference_run
+    run_dir = tmp_path / "blown"
+    shutil.copytree(ref_dir, run_dir)
+    exp = cfg.load(
+        run_dir / "config.yaml",
+        ["train.learning_rate=1e30", "train.steps=24", "train.max_bad_steps=2"]
+        + ["checkpoint.every=2", "checkpoint.keep=2", "eval.every=0"],
+    )
+    with pytest.raises(RunError, match=r"last good checkpoint \(step 12\) is kept"):
+        train(exp, run_dir, progress=False)
+    assert Checkpointer(run_dir / "checkpoints", keep=2).all_steps()[-1] == 12
+    kept = final_params(exp, run_dir, 12)
+    assert max(float(np.abs(x).max()) for x in kept) < 1e3
+    for a, b in zip(kept, final_params(exp, ref_dir, 12)):
+        np.testing.assert_array_equal(a, b)
