@@ -1,4 +1,5 @@
-"""One process per MPI rank: JAX's multi-controller runtime over mpi4py, CPU collectives on gloo (MPI opt-in).
+"""One process per MPI rank: JAX's multi-controller runtime over mpi4py, CPU collectives on
+gloo (MPI as an opt-in, ``pod.collectives``).
 
 ``mpirun -np N moe train x.yaml`` (or ``moe launch -n N x.yaml``, a thin wrapper) starts N
 processes; each calls :func:`initialize`, owns ``devices / N`` virtual CPU devices (its GPUs or
