@@ -137,11 +137,16 @@ def _dispatch(args, argv: list[str]) -> int:
         if args.command == "report":
             _report(run_dir, to=sys.stdout)
             return 0
-        exp = _load(str(run_dir / "config.yaml"), [])
+        exp = _load(str(run_dir / "config.yaml"), args.overrides)  # bad overrides fail here
         _start_jax(exp)
+        from moe.training.evaluation import score_lines
         from moe.training.loop import evaluate_checkpoint
 
-        evaluate_checkpoint(run_dir, step=args.step, split=args.split)
+        result = evaluate_checkpoint(
+            run_dir, step=args.step, split=args.split, overrides=tuple(args.overrides)
+        )
+        if _rank() == 0:
+            print("\n".join(score_lines(result)))
         _report(run_dir)
         return 0
     if args.command in ("pathways", "extract", "grow"):

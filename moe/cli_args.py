@@ -32,10 +32,12 @@ def parser() -> argparse.ArgumentParser:
     e = sub.add_parser(
         "eval",
         help="evaluate a run's latest (or a named) checkpoint",
-        description="Evaluate RUN_DIR's checkpoint: per-task perplexity, BLEU for translation "
-        "tasks (decoded outputs in RUN_DIR/eval/), then regenerate the report.",
+        description="Evaluate RUN_DIR's checkpoint: per-task perplexity, BLEU and chrF for "
+        "translation tasks (decoded outputs in RUN_DIR/eval/), print the scores, then "
+        "regenerate the report. Overrides change the evaluation settings (eval.beam_size=4).",
     )
     e.add_argument("run_dir")
+    e.add_argument("overrides", nargs="*", help="eval.key=value overrides (eval.beam_size=4)")
     e.add_argument("--step", type=int, help="checkpoint step (default: latest)")
     e.add_argument("--split", choices=["valid", "test"], help="held-out split (default: config)")
 

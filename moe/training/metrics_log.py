@@ -100,7 +100,7 @@ class MetricsLog:
         if not self.enabled:
             return
         slim = {
-            n: rf.EvalMetrics(loss=t.loss, perplexity=t.perplexity, bleu=t.bleu)
+            n: rf.EvalMetrics(loss=t.loss, perplexity=t.perplexity, bleu=t.bleu, chrf=t.chrf)
             for n, t in tasks.items()
         }
         self._write(rf.EvalLine(step=step, time=time.time(), split=split, tasks=slim))
