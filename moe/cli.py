@@ -103,7 +103,8 @@ def _dispatch(args, argv: list[str]) -> int:
     if args.command == "config":
         from moe import config as cfg
 
-        print(cfg.dump(_load(args.config, args.overrides)), end="")
+        exp = _load(args.config, args.overrides)
+        print(cfg.describe(exp) if args.doc else cfg.dump(exp), end="")
         return 0
     if args.command == "launch":
         exp = _load(args.config, args.overrides)
@@ -157,9 +158,16 @@ def _dispatch(args, argv: list[str]) -> int:
         return _place_command(args)
     if args.command == "pod":
         overrides = list(args.overrides)
-        if args.slice:  # compile for the target slice's device count, same expert axis
-            topology, _, shape = args.slice.partition(":")
-            overrides += [f"pod.topology={topology}", f"pod.slice={shape}", "pod.processes=1"]
+        if args.slice:  # compile for the target slice: its chips on the data axis
+            from moe.training.projection import scale_to_slice
+
+            keep = tuple(o.partition("=")[0] for o in overrides)
+            try:
+                extra, note = scale_to_slice(_load(args.config, overrides), args.slice, keep)
+            except ValueError as err:
+                raise UserError(f"--slice {args.slice}: {err}") from None
+            print(f"moe: {note}", file=sys.stderr)
+            overrides = [*extra, *overrides]
         exp = _load(args.config, overrides)
         _start_jax(exp)
         from moe.training.projection import plan

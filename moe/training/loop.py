@@ -31,7 +31,7 @@ from moe.training import build
 from moe.training import state as state_lib
 from moe.training.checkpoint import Checkpointer
 from moe.training.evaluation import Evaluator, score_lines
-from moe.training.metrics_log import MetricsLog, accumulate
+from moe.training.metrics_log import MetricsLog, Ticker, accumulate
 from moe.training.projection import pod_summary
 from moe.training.restore import restore
 from moe.training.sharding import Placement
@@ -139,7 +139,7 @@ def train(
     # --- Loop: host batches made ahead in a thread; metrics stay on device between logs --------
     log = MetricsLog(run_dir, data.task_names, enabled=primary, start_step=start)
     bar = _progress(exp.train.steps, start, progress and primary)
-    ticker = _Ticker(exp.train.steps, _every_tenth(exp), isinstance(bar, _NoBar))
+    ticker = Ticker(exp.train.steps, _every_tenth(exp), isinstance(bar, _NoBar))
     window, totals, acc, summed = _Window(), _Totals(), None, 0
     batches = Prefetcher(lambda s: _host_step(data, s), start, exp.train.steps)
     try:
@@ -366,35 +366,6 @@ def _s(t0: float | _Clock, phase: str = "") -> str:
 def _decoding(exp: cfg.Experiment) -> str:
     n = sum(t.kind == "translate" for t in exp.tasks) if exp.eval.bleu_examples else 0
     return f", decoding {exp.eval.bleu_examples} sentences of each of {n} task(s)" if n else ""
-
-
-class _Ticker:
-    """When to print a progress line without a bar (under mpirun, or to a pipe): at each tenth
-    of the run and at least every ``seconds``; the line has the steady-state speed and an ETA
-    (compile, evaluation and checkpoints excluded)."""
-
-    def __init__(self, total: int, every: int, enabled: bool, seconds: float = 30.0):
-        self.total, self.every, self.enabled, self.seconds = total, every, enabled, seconds
-        self.last = time.perf_counter()
-
-    def due(self, done: int) -> bool:
-        now = time.perf_counter()
-        if not self.enabled or not (done % self.every == 0 or now - self.last >= self.seconds):
-            return False
-        self.last = now
-        return True
-
-    def line(self, done: int, loss: float, rate: float | None, step_ms: float | None) -> str:
-        text = f"moe: step {done}/{self.total} ({done / self.total:.0%}) loss {loss:.3f}"
-        if rate and step_ms:
-            eta = (self.total - done) * step_ms / 1000
-            text += f", {rate:,.0f} tok/s (steady), {step_ms:.0f} ms/step, ETA {_hms(eta)}"
-        return text
-
-
-def _hms(seconds: float) -> str:
-    m, s = divmod(int(round(seconds)), 60)
-    return f"{m // 60}:{m % 60:02d}:{s:02d}" if m >= 60 else f"{m}:{s:02d}"
 
 
 def evaluate_checkpoint(

@@ -58,7 +58,15 @@ def test_a_short_run_writes_the_whole_run_directory(reference_run):
         "eval/rev.ref.txt",
     ):
         assert (run_dir / name).is_file(), name
-    assert list((run_dir / "tb").iterdir()), "TensorBoard events"
+    # TensorBoard (the package the README's `tensorboard --logdir runs/` runs) reads them back
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tb"))
+    events.Reload()
+    scalars = events.Tags()["scalars"]
+    assert {"train/loss", "train/rev/loss", "eval/rev/perplexity", "eval/rev/bleu"} <= set(scalars)
+    assert "eval/rev/chrf" in scalars
+    assert [e.step for e in events.Scalars("train/loss")] == list(range(2, 13, 2))
     report = json.loads((run_dir / "report.json").read_text())
     assert set(report["tasks"]) == {"rev", "lm"}
     assert report["tasks"]["rev"]["bleu"] is not None and report["tasks"]["lm"]["bleu"] is None
