@@ -215,6 +215,11 @@ class DataConfig(Section):
     test_fraction: float = Field(0.02, gt=0.0, lt=0.5, description="Held-out test share.")
     max_chars: int = Field(200, gt=0, description="Drop examples longer than this (chars).")
     cache_dir: str = Field(".cache/moe", description="Vocabulary and token-store cache.")
+    normalization: Literal["nfkc", "identity"] = Field(
+        "nfkc",
+        description="Vocabulary text normalisation: nfkc maps full-width forms, `…` and `№` "
+        "to ASCII (the model can then never write them); identity keeps text as written.",
+    )
 
 
 class MixtureConfig(Section):

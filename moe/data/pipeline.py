@@ -116,6 +116,7 @@ def build_tasks(
     test_fraction: float = 0.05,
     locale_root: str | Path = DEFAULT_LOCALE_ROOT,
     vocab_model_type: str = "bpe",
+    normalization: str = "nfkc",
     say: Callable[..., None] = lambda *a, **k: None,
 ) -> PreparedData:
     """Read, split, tokenise and store every task; see the module docstring. ``say`` gets a
@@ -153,6 +154,7 @@ def build_tasks(
         Path(cache_dir) / "vocab",
         user_symbols=sorted(set(tags)),
         model_type=vocab_model_type,
+        normalization=normalization,
     )
     say(f"moe: vocabulary of {vocab.size:,} pieces in {_since(t0)}")
     t0 = time.perf_counter()
@@ -299,6 +301,7 @@ def prepare(exp: Experiment, say: Callable[..., None] = print) -> RunData:
             valid_fraction=exp.data.valid_fraction,
             test_fraction=exp.data.test_fraction,
             locale_root=exp.data.locale_dir,
+            normalization=exp.data.normalization,
             say=say,
         )
 
