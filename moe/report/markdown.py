@@ -64,7 +64,7 @@ def _tasks(report: rf.Report) -> list[str]:
             fmt(t.first_perplexity),
             fmt(t.perplexity),
             _bleu(t),
-            _bleu(t) if t.chrf is None and t.kind != "translate" else fmt(t.chrf),
+            DASH if t.chrf is None and t.kind != "translate" else fmt(t.chrf),
             fmt(t.examples_seen),
         ]
         for name, t in report.tasks.items()

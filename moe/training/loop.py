@@ -184,7 +184,9 @@ def train(
                     t0 = time.perf_counter()
                     result, _ = evaluator.perplexities(state_lib.model_state(state), "valid")
                     log.eval(done, result, "valid")
-                    ppl = ", ".join(f"{k} {v.perplexity:.2f}" for k, v in result.items())
+                    ppl = ", ".join(
+                        f"{k} {v.perplexity or float('nan'):.2f}" for k, v in result.items()
+                    )
                     say(f"moe: valid perplexity at step {done}: {ppl} ({_s(t0)})")
             if exp.checkpoint.every and done % exp.checkpoint.every == 0:
                 with clock("checkpoint"), window.paused(state):
