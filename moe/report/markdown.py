@@ -47,9 +47,10 @@ def _summary(report: rf.Report) -> str:
     else:
         parts.append("The model has no MoE layers (dense feed-forward blocks only).")
     for name, t in tasks.items():
-        text = f"`{name}`: {_final_label(report)} perplexity {fmt(t.perplexity)}"
+        text = f"`{name}`: perplexity {fmt(t.perplexity)} ({_final_label(report)}"
         if t.first_perplexity is not None:
-            text += f" (valid at step {fmt(t.first_step)}: {fmt(t.first_perplexity)})"
+            text += f"; valid at step {fmt(t.first_step)}: {fmt(t.first_perplexity)}"
+        text += ")"
         if t.bleu is not None:
             text += f", BLEU {fmt(t.bleu)}, chrF {fmt(t.chrf)}"
         parts.append(text + ".")
