@@ -190,7 +190,8 @@ def _dispatch(args, argv: list[str]) -> int:
     if args.command == "config":
         from moe import config as cfg
 
-        print(cfg.dump(_load(args.config, args.overrides)), end="")
+        exp = _load(args.config, args.overrides)
+        print(cfg.describe(exp) if args.doc else cfg.dump(exp), end="")
         return 0
     if args.command == "launch":
         if args.processes < 1:
@@ -223,11 +224,16 @@ def _dispatch(args, argv: list[str]) -> int:
         if args.command == "report":
             _report(run_dir, to=sys.stdout)
             return 0
-        exp = _load(str(run_dir / "config.yaml"), [])
+        exp = _load(str(run_dir / "config.yaml"), args.overrides)  # bad overrides fail here
         _start_jax(exp)
+        from moe.training.evaluation import score_lines
         from moe.training.loop import evaluate_checkpoint
 
-        evaluate_checkpoint(run_dir, step=args.step, split=args.split)
+        result = evaluate_checkpoint(
+            run_dir, step=args.step, split=args.split, overrides=tuple(args.overrides)
+        )
+        if _rank() == 0:
+            print("\n".join(score_lines(result)))
         _report(run_dir)
         return 0
     if args.command in ("pathways", "extract", "grow"):
@@ -238,9 +244,16 @@ def _dispatch(args, argv: list[str]) -> int:
         return _place_command(args)
     if args.command == "pod":
         overrides = list(args.overrides)
-        if args.slice:  # compile for the target slice's device count, same expert axis
-            topology, _, shape = args.slice.partition(":")
-            overrides += [f"pod.topology={topology}", f"pod.slice={shape}", "pod.processes=1"]
+        if args.slice:  # compile for the target slice: its chips on the data axis
+            from moe.training.projection import scale_to_slice
+
+            keep = tuple(o.partition("=")[0] for o in overrides)
+            try:
+                extra, note = scale_to_slice(_load(args.config, overrides), args.slice, keep)
+            except ValueError as err:
+                raise UserError(f"--slice {args.slice}: {err}") from None
+            print(f"moe: {note}", file=sys.stderr)
+            overrides = [*extra, *overrides]
         exp = _load(args.config, overrides)
         _start_jax(exp)
         from moe.training.projection import plan

@@ -7,6 +7,7 @@ here reads argv or the environment.
 from __future__ import annotations
 
 import argparse
+from importlib import metadata
 
 
 def parser() -> argparse.ArgumentParser:
@@ -15,6 +16,7 @@ def parser() -> argparse.ArgumentParser:
         description="Train sparsely-gated mixture-of-experts models on JAX.",
         epilog="Run `moe COMMAND --help` for a command's options.",
     )
+    p.add_argument("--version", action="version", version=f"moe {_version()}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     t = sub.add_parser(
@@ -25,17 +27,21 @@ def parser() -> argparse.ArgumentParser:
         "if it holds a checkpoint, training resumes exactly where it stopped.",
     )
     t.add_argument("config", help="experiment YAML file")
-    t.add_argument("overrides", nargs="*", help="key.path=value overrides")
+    t.add_argument("overrides", nargs="*", default=[], help="key.path=value overrides")
     t.add_argument("--run-dir", help="run directory (default: <runs_dir>/<name>)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     e = sub.add_parser(
         "eval",
         help="evaluate a run's latest (or a named) checkpoint",
-        description="Evaluate RUN_DIR's checkpoint: per-task perplexity, BLEU for translation "
-        "tasks (decoded outputs in RUN_DIR/eval/), then regenerate the report.",
+        description="Evaluate RUN_DIR's checkpoint: per-task perplexity, BLEU and chrF for "
+        "translation tasks (decoded outputs in RUN_DIR/eval/), print the scores, then "
+        "regenerate the report. Overrides change the evaluation settings (eval.beam_size=4).",
     )
     e.add_argument("run_dir")
+    e.add_argument(
+        "overrides", nargs="*", default=[], help="eval.key=value overrides (eval.beam_size=4)"
+    )
     e.add_argument("--step", type=int, help="checkpoint step (default: latest)")
     e.add_argument("--split", choices=["valid", "test"], help="held-out split (default: config)")
 
@@ -52,7 +58,8 @@ def parser() -> argparse.ArgumentParser:
         "show", help="print the resolved config (extends + overrides + defaults)"
     )
     show.add_argument("config")
-    show.add_argument("overrides", nargs="*")
+    show.add_argument("overrides", nargs="*", default=[])
+    show.add_argument("--doc", action="store_true", help="every field with its description")
 
     la = sub.add_parser(
         "launch",
@@ -62,7 +69,7 @@ def parser() -> argparse.ArgumentParser:
     )
     la.add_argument("-n", "--processes", type=int, required=True, help="number of processes")
     la.add_argument("config")
-    la.add_argument("overrides", nargs="*")
+    la.add_argument("overrides", nargs="*", default=[])
 
     _pathway_parsers(sub)
     _serving_parsers(sub)
@@ -77,7 +84,7 @@ def parser() -> argparse.ArgumentParser:
         "the slice (compute/memory rooflines, all-to-all and all-reduce on the torus).",
     )
     plan.add_argument("config")
-    plan.add_argument("overrides", nargs="*")
+    plan.add_argument("overrides", nargs="*", default=[])
     plan.add_argument("--slice", help="target slice, e.g. tpu-v4:4x4x4 (default: the config's)")
     return p
 
@@ -116,7 +123,9 @@ def _pathway_parsers(sub) -> None:
     )
     g.add_argument("run_dir", help="the trained parent run")
     g.add_argument("--config", required=True, help="grow file (name, grow:, train:, eval:)")
-    g.add_argument("overrides", nargs="*", help="key.path=value overrides of the grow file")
+    g.add_argument(
+        "overrides", nargs="*", default=[], help="key.path=value overrides of the grow file"
+    )
     g.add_argument("--no-train", action="store_true", help="only write the grown run directory")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -157,7 +166,9 @@ def _serving_parsers(sub) -> None:
     )
     d.add_argument("run_dir", help="the trained teacher run")
     d.add_argument("--student", required=True, help="student experiment YAML")
-    d.add_argument("overrides", nargs="*", help="key.path=value overrides of the student")
+    d.add_argument(
+        "overrides", nargs="*", default=[], help="key.path=value overrides of the student"
+    )
     d.add_argument("--out", required=True, help="the student's run directory")
     d.add_argument("--alpha", type=float, default=0.75, help="weight of the labels (0.75)")
     d.add_argument("--temperature", type=float, default=1.0, help="softmax temperature T (1)")
@@ -193,3 +204,10 @@ def _place_parser(sub) -> None:
     pl.add_argument("--host-gbps", type=float, help="price bytes between hosts at this Gbit/s")
     pl.add_argument("--iterations", type=int, default=3000, help="annealing iterations")
     pl.add_argument("--seed", type=int, default=0, help="seed of the random and annealing placers")
+
+
+def _version() -> str:
+    try:
+        return metadata.version("moe")
+    except metadata.PackageNotFoundError:  # run from a source tree that is not installed
+        return "unknown (not installed)"

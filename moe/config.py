@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from moe import config_io
 from moe.config_io import ConfigError as ConfigError  # re-exported: cfg.ConfigError
@@ -225,3 +225,26 @@ def from_dict(raw: dict[str, Any], where: str = "config") -> Experiment:
 def dump(exp: Experiment) -> str:
     """The resolved experiment as YAML (what `moe config show` prints and runs save)."""
     return config_io.dump(exp)
+
+
+def describe(exp: Experiment) -> str:
+    """`moe config show --doc`: every field as ``key: value  # description``, with the
+    experiment's resolved values (task fields once, as ``tasks[].key``)."""
+    lines: list[str] = []
+
+    def walk(model: BaseModel, prefix: str) -> None:
+        for name, field in type(model).model_fields.items():
+            value, key = getattr(model, name), f"{prefix}{name}"
+            if isinstance(value, BaseModel):
+                walk(value, f"{key}.")
+            elif name == "tasks" and isinstance(value, list):
+                lines.append(f"{key}:  # {field.description or ''}")
+                walk(value[0], "tasks[].")
+            else:
+                text = "null" if value is None else value
+                text = str(text).lower() if isinstance(value, bool) else text
+                doc = f"  # {field.description}" if field.description else ""
+                lines.append(f"{key}: {text}{doc}" if prefix != "tasks[]." else f"{key}{doc}")
+
+    walk(exp, "")
+    return "\n".join(lines) + "\n"

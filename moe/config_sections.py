@@ -212,6 +212,13 @@ class TaskConfig(Section):
         description="The task's pathway: expert ids it may use in every MoE layer, or "
         "{layer: ids} ('encoder/1', 'decoder/1'; layers not named: all experts). None = all.",
     )
+    bleu_tokenize: (
+        Literal["13a", "intl", "char", "zh", "ja-mecab", "flores101", "flores200", "none"] | None
+    ) = Field(
+        None,
+        description="sacrebleu tokenizer of the task's BLEU; None = by the target language "
+        "(ja-mecab for gettext:ja, zh for gettext:zh, 13a otherwise).",
+    )
     frozen: bool = Field(
         False,
         description="Freeze every parameter this task uses (its experts, its task embedding, "
@@ -225,6 +232,11 @@ class DataConfig(Section):
     test_fraction: float = Field(0.02, gt=0.0, lt=0.5, description="Held-out test share.")
     max_chars: int = Field(200, gt=0, description="Drop examples longer than this (chars).")
     cache_dir: str = Field(".cache/moe", description="Vocabulary and token-store cache.")
+    normalization: Literal["nfkc", "identity"] = Field(
+        "nfkc",
+        description="Vocabulary text normalisation: nfkc maps full-width forms, `…` and `№` "
+        "to ASCII (the model can then never write them); identity keeps text as written.",
+    )
 
 
 class MixtureConfig(Section):
@@ -307,6 +319,9 @@ class EvalConfig(Section):
     batch_size: int = Field(32, gt=0, description="Evaluation batch size.")
     split: Literal["valid", "test"] = Field("test", description="Split of the final report.")
     bleu_examples: int = Field(200, ge=0, description="Examples decoded per task for BLEU.")
+    sample_seed: int = Field(
+        0, description="Seed of the random sample of `bleu_examples` sentences (recorded)."
+    )
     beam_size: int = Field(1, ge=1, description="1 = greedy decoding.")
     length_penalty: float = Field(0.6, ge=0.0, description="GNMT length penalty alpha.")
     max_decode_length: int = Field(48, gt=1, description="Longest decoded target.")

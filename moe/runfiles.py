@@ -140,7 +140,12 @@ class TaskEval(RunFile):
     perplexity: Number = None
     tokens: Number = None
     bleu: Number = None
-    bleu_signature: str | None = None
+    bleu_signature: str | None = None  # names the tokenizer (tok:13a, tok:ja-mecab-...)
+    chrf: Number = None
+    chrf_signature: str | None = None
+    decoded: Count = None  # sentences decoded: a random sample of the split (sample_seed)
+    sample_seed: Count = None
+    split_size: Count = None  # sentences in the split the sample was drawn from
     empty_fraction: Number = None  # of the decoded lines
     looping_fraction: Number = None  # lines with a word three times in a row
     hypotheses: str | None = None  # path relative to the run directory
@@ -255,6 +260,7 @@ class EvalMetrics(RunFile):
     loss: Number = None
     perplexity: Number = None
     bleu: Number = None
+    chrf: Number = None
 
 
 class EvalLine(RunFile):
@@ -270,10 +276,16 @@ class EvalLine(RunFile):
 
 class ReportTask(RunFile):
     kind: str | None = None
-    perplexity: Number = None
-    first_perplexity: Number = None
+    perplexity: Number = None  # of the final evaluation (Report.final_split at final_step)
+    first_perplexity: Number = None  # the first evaluation on the validation split
+    first_step: Count = None
     bleu: Number = None
     bleu_signature: str | None = None
+    chrf: Number = None
+    chrf_signature: str | None = None
+    decoded: Count = None
+    sample_seed: Count = None
+    split_size: Count = None
     empty_fraction: Number = None
     looping_fraction: Number = None
     hypotheses: str | None = None
@@ -322,7 +334,7 @@ class ReportExperts(RunFile):
 
 
 class ReportPod(PodSummary):
-    measured_over_projected: Number = None
+    measured_over_projected: Number = None  # measured here / projected_cpu_step_ms (accuracy)
 
 
 class PathwayTask(RunFile):
@@ -343,6 +355,9 @@ class ReportPathways(RunFile):
 
 class Report(RunFile):
     name: str = ""
+    final_split: str | None = None  # the split and step of eval/summary.json
+    final_step: Count = None
+    warnings: list[str] = Field(default_factory=list)  # degenerate decodes, ...
     tasks: dict[str, ReportTask] = Field(default_factory=dict)
     train: ReportTrain = Field(default_factory=ReportTrain)
     data: dict[str, TaskData] = Field(default_factory=dict)

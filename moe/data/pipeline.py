@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import itertools
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,8 +116,11 @@ def build_tasks(
     test_fraction: float = 0.05,
     locale_root: str | Path = DEFAULT_LOCALE_ROOT,
     vocab_model_type: str = "bpe",
+    normalization: str = "nfkc",
+    say: Callable[..., None] = lambda *a, **k: None,
 ) -> PreparedData:
-    """Read, split, tokenise and store every task; see the module docstring.
+    """Read, split, tokenise and store every task; see the module docstring. ``say`` gets a
+    line with the duration of each phase (sources, vocabulary, token stores).
 
     Raises DataError (one line) for bad sources, duplicate task names, or a task whose train
     split is empty. Empty valid/test splits are allowed and noted.
@@ -127,6 +131,7 @@ def build_tasks(
     tags = [task_tag(s) for s in specs]
     loaded: list[tuple[dict[str, list[Example]], SourceStats]] = []
     notes: list[str] = []
+    t0 = time.perf_counter()
     for spec in specs:
         examples, stats = load_source(
             spec.source, kind=spec.kind, locale_root=locale_root, max_chars=max_chars
@@ -140,13 +145,19 @@ def build_tasks(
             raise DataError(f"task {spec.name!r} ({spec.source}): no examples in the train split")
         loaded.append((splits, stats))
         notes.extend(_notes(spec, stats, splits))
+    count = sum(len(ex) for splits, _ in loaded for ex in splits.values())
+    say(f"moe: read {len(specs)} task source(s), {count:,} examples, in {_since(t0)}")
+    t0 = time.perf_counter()
     vocab = train_vocab(
         _vocab_texts(loaded),
         vocab_size,
         Path(cache_dir) / "vocab",
         user_symbols=sorted(set(tags)),
         model_type=vocab_model_type,
+        normalization=normalization,
     )
+    say(f"moe: vocabulary of {vocab.size:,} pieces in {_since(t0)}")
+    t0 = time.perf_counter()
     tasks = []
     for spec, tag, (splits, stats) in zip(specs, tags, loaded):
         tag_id = vocab.piece_to_id(tag)
@@ -165,7 +176,12 @@ def build_tasks(
         }
         heldout = {split: splits[split] for split in ("valid", "test")}
         tasks.append(Task(spec.name, spec.kind, tag, tag_id, stores, spec.weight, stats, heldout))
+    say(f"moe: token stores of {len(tasks) * len(SPLITS)} task splits in {_since(t0)}")
     return PreparedData(tuple(tasks), vocab, tuple(notes))
+
+
+def _since(t0: float) -> str:
+    return f"{time.perf_counter() - t0:.1f} s"
 
 
 def _cap(examples: list[Example], limit: int) -> list[Example]:
@@ -244,12 +260,19 @@ class RunData:
         no target: no loss)."""
         yield from itertools.islice(self.batcher.eval_batches(ti, split, batch_size), limit)
 
-    def references(self, ti: int, split: str, n: int) -> tuple[list[str], list[str], np.ndarray]:
-        """The first ``n`` examples of a split: source texts, reference texts, source tokens."""
-        examples = self.tasks[ti].examples.get(split, [])[:n]
-        if not examples:
+    def references(
+        self, ti: int, split: str, n: int, seed: int | None = None
+    ) -> tuple[list[str], list[str], np.ndarray]:
+        """``n`` examples of a split: source texts, reference texts, source tokens. ``seed``
+        given: a random sample of ``n`` (the same for a seed; in split order), else the first
+        ``n`` (a split's order is its sources', e.g. alphabetical for gettext catalogues)."""
+        pool = self.tasks[ti].examples.get(split, [])
+        rows = np.arange(min(n, len(pool)))
+        if seed is not None and len(pool) > n:
+            rows = np.sort(np.random.default_rng(seed).choice(len(pool), n, replace=False))
+        if not len(rows):
             return [], [], np.zeros((0, self.batcher.widths[0]), np.int32)
-        rows = np.arange(len(examples))
+        examples = [pool[i] for i in rows]
         src, _ = self.tasks[ti].splits[split].read_rows(rows)
         tokens = np.zeros((len(examples), self.batcher.widths[0]), np.int32)
         tokens[:, : src.shape[1]] = src
@@ -278,6 +301,8 @@ def prepare(exp: Experiment, say: Callable[..., None] = print) -> RunData:
             valid_fraction=exp.data.valid_fraction,
             test_fraction=exp.data.test_fraction,
             locale_root=exp.data.locale_dir,
+            normalization=exp.data.normalization,
+            say=say,
         )
 
     if jax.process_count() > 1:  # the primary fills the cache, then the others read it

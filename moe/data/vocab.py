@@ -19,6 +19,7 @@ from moe.data.cache import ContentHash, cache_lock
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 MODEL_TYPES = ("bpe", "unigram")
+NORMALIZATIONS = {"nfkc": "nmt_nfkc", "identity": "identity"}  # SentencePiece's rule names
 
 
 class Vocab:
@@ -77,6 +78,7 @@ def train_vocab(
     model_type: str = "bpe",
     character_coverage: float = 1.0,
     input_sentence_size: int = 200_000,
+    normalization: str = "nfkc",
 ) -> Vocab:
     """Train (or load from cache) a SentencePiece model over `texts`.
 
@@ -89,7 +91,11 @@ def train_vocab(
     At most `input_sentence_size` sentences (a fixed-seed sample) are used for training;
     training is deterministic, so every host builds the same model from the same texts.
     character_coverage=1.0 keeps every character (no unknowns for rare accents in small corpora).
+    ``normalization``: "nfkc" (SentencePiece's nmt_nfkc: full-width forms, `…`, `№` become
+    ASCII, so the model never writes them) or "identity" (text as written).
     """
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(f"normalization={normalization!r}: expected one of {NORMALIZATIONS}")
     if model_type not in MODEL_TYPES:
         raise ValueError(f"model_type={model_type!r}: expected one of {MODEL_TYPES}")
     texts = [t for t in texts if t]
@@ -98,6 +104,8 @@ def train_vocab(
     symbols = list(dict.fromkeys(user_symbols))
     key = ContentHash("spm").add_texts(texts).add(vocab_size).add_texts(symbols)
     key.add(model_type).add(character_coverage).add(input_sentence_size)
+    if normalization != "nfkc":  # (the keys of caches written before the option stay valid)
+        key.add(normalization)
     path = Path(cache_dir) / f"spm-{key.hexdigest()}.model"
     with cache_lock(path):
         if path.is_file():
@@ -106,13 +114,14 @@ def train_vocab(
             except (RuntimeError, ValueError, OSError):  # a damaged cache entry: build it again
                 pass
         proto = _train(
-            texts, vocab_size, symbols, model_type, character_coverage, input_sentence_size
-        )
+            texts, vocab_size, symbols, model_type, character_coverage, input_sentence_size,
+            NORMALIZATIONS[normalization],
+        )  # fmt: skip
         _write_atomic(path, proto)
     return Vocab.load(path)
 
 
-def _train(texts, vocab_size, symbols, model_type, character_coverage, input_sentence_size):
+def _train(texts, vocab_size, symbols, model_type, coverage, input_sentence_size, rule):
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(texts),
@@ -125,7 +134,8 @@ def _train(texts, vocab_size, symbols, model_type, character_coverage, input_sen
         eos_id=EOS_ID,
         user_defined_symbols=symbols,
         hard_vocab_limit=False,
-        character_coverage=character_coverage,
+        character_coverage=coverage,
+        normalization_rule_name=rule,
         input_sentence_size=input_sentence_size,
         shuffle_input_sentence=True,
         seed_sentencepiece_size=100_000,  # unigram only; the 1M default makes it ~3x slower

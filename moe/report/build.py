@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from moe import runfiles as rf
+from moe.eval import bleu
 from moe.report import markdown, pathways, plots, serving
 
 PLOTS = {
@@ -25,6 +26,7 @@ PLOTS = {
     "expert_usage": "expert_usage.png",
     "routing": "routing.png",
     "throughput": "throughput.png",
+    "validation": "validation.png",
     "pathways": pathways.PLOT,
 }
 LAYER_STATS = ("dropped_fraction", "load_cv", "aux_loss", "z_loss", "device_fanout")
@@ -94,34 +96,53 @@ def task_names(run: RunFiles) -> list[str]:
     return names
 
 
-def _eval_values(evals: list[rf.EvalLine], task: str, key: str) -> list[float]:
-    values = [getattr(e.tasks[task], key) for e in evals if task in e.tasks]
-    return [v for v in values if v is not None]
+def _first_valid(evals: list[rf.EvalLine], task: str) -> tuple[float | None, int | None]:
+    """(perplexity, step) of the task's first evaluation on the validation split."""
+    for e in sorted(evals, key=lambda e: e.step or 0):
+        t = e.tasks.get(task)
+        # older metrics files wrote no split: their lines during training were valid ones
+        if e.split in ("valid", None) and t is not None and t.perplexity is not None:
+            return t.perplexity, e.step
+    return None, None
+
+
+def _last_eval(run: RunFiles) -> rf.EvalLine:
+    """The final evaluation's line when eval/summary.json is missing: the last one."""
+    return max(run.evals, key=lambda e: e.step or 0, default=rf.EvalLine())
 
 
 def _tasks_section(run: RunFiles, names: list[str]) -> dict[str, rf.ReportTask]:
+    """Per task: the final evaluation (eval/summary.json: its split and step are the report's
+    ``final_split``/``final_step``) and the first validation perplexity."""
     kinds = _config_tasks(run.config)
     seen = run.train_summary.examples_seen
     out = {}
     for name in names:
         final = run.summary.tasks.get(name, rf.TaskEval())
-        ppl, bleu = (
-            _eval_values(run.evals, name, "perplexity"),
-            _eval_values(run.evals, name, "bleu"),
-        )
+        if name not in run.summary.tasks:
+            final = rf.TaskEval(**_last_eval(run).tasks.get(name, rf.EvalMetrics()).model_dump())
+        first, first_step = _first_valid(run.evals, name)
         out[name] = rf.ReportTask(
             kind=final.kind or kinds.get(name),
-            perplexity=final.perplexity if final.perplexity is not None else (ppl or [None])[-1],
-            first_perplexity=ppl[0] if ppl else None,
-            bleu=final.bleu if final.bleu is not None else (bleu or [None])[-1],
-            bleu_signature=final.bleu_signature,
-            empty_fraction=final.empty_fraction,
-            looping_fraction=final.looping_fraction,
-            hypotheses=final.hypotheses,
-            references=final.references,
+            perplexity=final.perplexity,
+            first_perplexity=first,
+            first_step=first_step,
             examples_seen=seen.get(name),
-        )
+            **final.model_dump(
+                include={
+                    "bleu", "bleu_signature", "chrf", "chrf_signature", "decoded", "sample_seed",
+                    "split_size", "empty_fraction", "looping_fraction", "hypotheses", "references",
+                }
+            ),
+        )  # fmt: skip
     return out
+
+
+def _warnings(tasks: dict[str, rf.ReportTask]) -> list[str]:
+    lines = (
+        bleu.degenerate_warning(n, t.empty_fraction, t.looping_fraction) for n, t in tasks.items()
+    )
+    return [line for line in lines if line]
 
 
 def _train_section(run: RunFiles) -> rf.ReportTrain:
@@ -182,7 +203,9 @@ def _pod_section(run: RunFiles) -> rf.ReportPod:
     pod.topology = pod.topology or config.get("topology")
     pod.slice = pod.slice or (str(config["slice"]) if config.get("slice") else None)
     pod.processes = pod.processes or config.get("processes")
-    m, p = pod.measured_step_ms, pod.projected_step_ms
+    # the cost model's accuracy: like with like, this host's measured step over its
+    # projection for this host (the slice's projection is a different machine)
+    m, p = pod.measured_step_ms, pod.projected_cpu_step_ms
     pod.measured_over_projected = m / p if m and p else None
     return pod
 
@@ -210,6 +233,7 @@ def build(run_dir: str | Path) -> rf.Report:
         "expert_usage": plots.expert_usage(usage, path / PLOTS["expert_usage"]),
         "routing": plots.routing_curves(run.train, layers, path / PLOTS["routing"]),
         "throughput": plots.throughput(run.train, path / PLOTS["throughput"]),
+        "validation": plots.validation_curves(run.evals, names, path / PLOTS["validation"]),
     }
     section = pathways.section(path, run.config, run.summary)
     if section:
@@ -217,9 +241,13 @@ def build(run_dir: str | Path) -> rf.Report:
     quantised, distilled = serving.load(path)  # serving.json, distill.json
     experts = _experts_section(run, layers)
     experts.usage_source = usage_source
+    tasks = _tasks_section(run, names)
     report = rf.Report(
         name=run.config.get("name") or path.name,
-        tasks=_tasks_section(run, names),
+        final_split=run.summary.split if run.summary.tasks else _last_eval(run).split,
+        final_step=run.summary.step if run.summary.tasks else _last_eval(run).step,
+        warnings=_warnings(tasks),
+        tasks=tasks,
         train=_train_section(run),
         data=run.train_summary.data,
         experts=experts,

@@ -15,6 +15,21 @@ def _bleu(task: rf.ReportTask) -> str:
     return fmt(task.bleu)
 
 
+def _final_label(report: rf.Report) -> str:
+    """What the final column holds: 'test, final, step 450'; 'valid, step 8' for a `moe eval
+    --split valid` (never called final: the final evaluation is on the test split)."""
+    split, step = report.final_split, report.final_step
+    at = f", step {fmt(step)}" if step is not None else ""
+    if split == "test":
+        return f"test, final{at}"
+    return f"{split or 'split n/a'}{at}"
+
+
+def _first_label(report: rf.Report) -> str:
+    steps = {t.first_step for t in report.tasks.values() if t.first_step is not None}
+    return f"valid, step {fmt(steps.pop())}" if len(steps) == 1 else "valid, first evaluation"
+
+
 def _summary(report: rf.Report) -> str:
     train, experts, tasks = report.train, report.experts, report.tasks
     kinds = sorted({t.kind for t in tasks.values() if t.kind})
@@ -32,11 +47,12 @@ def _summary(report: rf.Report) -> str:
     else:
         parts.append("The model has no MoE layers (dense feed-forward blocks only).")
     for name, t in tasks.items():
-        text = f"`{name}`: perplexity {fmt(t.perplexity)}"
+        text = f"`{name}`: perplexity {fmt(t.perplexity)} ({_final_label(report)}"
         if t.first_perplexity is not None:
-            text += f" (first evaluation {fmt(t.first_perplexity)})"
+            text += f"; valid at step {fmt(t.first_step)}: {fmt(t.first_perplexity)}"
+        text += ")"
         if t.bleu is not None:
-            text += f", BLEU {fmt(t.bleu)}"
+            text += f", BLEU {fmt(t.bleu)}, chrF {fmt(t.chrf)}"
         parts.append(text + ".")
     return " ".join(parts)
 
@@ -49,6 +65,7 @@ def _tasks(report: rf.Report) -> list[str]:
             fmt(t.first_perplexity),
             fmt(t.perplexity),
             _bleu(t),
+            DASH if t.chrf is None and t.kind != "translate" else fmt(t.chrf),
             fmt(t.examples_seen),
         ]
         for name, t in report.tasks.items()
@@ -56,12 +73,14 @@ def _tasks(report: rf.Report) -> list[str]:
     header = [
         "task",
         "kind",
-        "perplexity (first eval)",
-        "perplexity (final)",
+        f"perplexity ({_first_label(report)})",
+        f"perplexity ({_final_label(report)})",
         "BLEU",
+        "chrF",
         "examples seen",
     ]
     lines = ["## Tasks", "", *table(header, rows), ""]
+    lines += [f"**Warning**: {w}." for w in report.warnings] + ([""] if report.warnings else [])
     decoded = {n: t for n, t in report.tasks.items() if t.looping_fraction is not None}
     if decoded:
         shares = "; ".join(
@@ -70,8 +89,15 @@ def _tasks(report: rf.Report) -> list[str]:
         )
         lines += [f"Decoded lines (a word three times in a row is looping): {shares}.", ""]
     for name, t in report.tasks.items():
+        if t.decoded is not None:
+            lines.append(
+                f"- `{name}` BLEU and chrF on a random sample of {fmt(t.decoded)} of the "
+                f"{fmt(t.split_size)} {report.final_split or ''} sentences (seed {t.sample_seed})"
+            )
         if t.bleu_signature:
             lines.append(f"- `{name}` BLEU signature: `{t.bleu_signature}`")
+        if t.chrf_signature:
+            lines.append(f"- `{name}` chrF signature: `{t.chrf_signature}`")
         if t.hypotheses:
             lines.append(f"- `{name}` decodes: `{t.hypotheses}` vs `{t.references}`")
     return lines + [""]
@@ -103,6 +129,7 @@ def _training(report: rf.Report) -> list[str]:
     if phases:
         lines += ["Where the time went (s): " + ", ".join(f"{k} {v:,.1f}" for k, v in phases), ""]
     lines += _plot(report, "loss", "Training loss per task")
+    lines += _plot(report, "validation", "Validation perplexity per task")
     lines += _plot(report, "throughput", "Throughput and step time")
     if report.data:
         keys = ["train", "valid", "test", "malformed", "duplicates"]
@@ -160,15 +187,21 @@ def _router_bias(bias: dict[str, list]) -> list[str]:
 
 def _pod(report: rf.Report) -> list[str]:
     pod = report.pod
+    target = pod.target or f"{pod.topology or NA} {pod.slice or ''}".strip()
     rows = [
         ["pod slice", f"{pod.topology or NA} {pod.slice or ''}".strip()],
         ["devices", fmt(pod.devices)],
         ["processes", fmt(pod.processes)],
-        ["measured step time here (ms)", fmt(pod.measured_step_ms, 1)],
-        ["projected step time on the slice (ms)", fmt(pod.projected_step_ms, 3)],
-        ["measured / projected", fmt(pod.measured_over_projected, 1)],
+        ["measured step time on this CPU host (ms)", fmt(pod.measured_step_ms, 1)],
+        ["projected step time on this CPU host (ms)", fmt(pod.projected_cpu_step_ms, 1)],
+        ["cost model accuracy here (measured / projected)", fmt(pod.measured_over_projected, 2)],
     ]
     lines = ["## Pod", "", *table(["", "value"], rows), ""]
+    lines += [
+        f"Projected step time on the real slice ({target}): "
+        f"{fmt(pod.projected_step_ms, 3)} ms (the same program, priced on that hardware).",
+        "",
+    ]
     if pod.projected_breakdown:
         rows = [[k, fmt(v, 3)] for k, v in pod.projected_breakdown.items()]
         lines += ["Projected breakdown:", "", *table(["part", "value"], rows), ""]

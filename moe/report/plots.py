@@ -1,5 +1,5 @@
-"""PNG plots for the run report: loss per task, expert usage heatmaps, drop rate and load
-balance per MoE layer, throughput and step time.
+"""PNG plots for the run report: loss per task, validation perplexity per task, expert usage
+heatmaps, drop rate and load balance per MoE layer, throughput and step time.
 
 Figures are built with ``matplotlib.figure.Figure`` on an Agg canvas, so no pyplot state or
 display is touched. Each function takes already-parsed metrics, writes one PNG and returns
@@ -18,7 +18,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from moe.runfiles import TrainLine
+from moe.runfiles import EvalLine, TrainLine
 
 
 def number(x: Any) -> float | None:
@@ -66,6 +66,26 @@ def loss_curves(train: Sequence[TrainLine], tasks: Sequence[str], path: Path) ->
     if not drawn:
         return False
     ax.set(xlabel="step", ylabel="training loss (nats/token)", title="Loss per task")
+    ax.legend(fontsize="small")
+    ax.grid(alpha=0.3)
+    return save(fig, path)
+
+
+def validation_curves(evals: Sequence[EvalLine], tasks: Sequence[str], path: Path) -> bool:
+    """Perplexity of each task on the validation split against step (the evaluations made
+    during training, and any `moe eval --split valid`)."""
+    valid = sorted((e for e in evals if e.split == "valid"), key=lambda e: e.step or 0)
+    fig, axes = new_figure()
+    ax = axes[0, 0]
+    for name in tasks:
+        get = lambda e, n=name: getattr(e.tasks.get(n), "perplexity", None)  # noqa: E731
+        steps, values = series(valid, get)
+        if steps:
+            ax.plot(steps, values, marker=".", label=name)
+    if not ax.lines:
+        return False
+    ax.set(xlabel="step", ylabel="perplexity", title="Validation perplexity per task")
+    ax.set_yscale("log")
     ax.legend(fontsize="small")
     ax.grid(alpha=0.3)
     return save(fig, path)

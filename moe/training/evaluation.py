@@ -1,4 +1,5 @@
-"""Evaluating a model on every task of an experiment: perplexity, decoding + BLEU, expert usage.
+"""Evaluating a model on every task of an experiment: perplexity, decoding + BLEU and chrF,
+expert usage.
 
 An :class:`Evaluator` holds what every evaluation of a run shares (the experiment, its data and
 its placement, with the jitted programs); ``perplexities`` is the quick held-out check run
@@ -219,8 +220,12 @@ class Evaluator:
         return np.concatenate(out) if out else np.zeros((0, width), np.int32)
 
     def decode_task(self, params: Any, ti: int, split: str):
-        """Decode up to ``eval.bleu_examples`` examples of task ``ti``: (sources, refs, hyps)."""
-        sources, refs, src_tokens = self.data.references(ti, split, self.exp.eval.bleu_examples)
+        """Decode up to ``eval.bleu_examples`` examples of task ``ti`` (a random sample of the
+        split, seeded by ``eval.sample_seed``): (sources, refs, hyps)."""
+        ev = self.exp.eval
+        sources, refs, src_tokens = self.data.references(
+            ti, split, ev.bleu_examples, seed=ev.sample_seed
+        )
         if not refs:
             return [], [], []
         ids = self.decode_ids(params, src_tokens, ti)
@@ -242,7 +247,12 @@ class Evaluator:
             sources, refs, hyps = self.decode_task(params, ti, split)
             if not refs:
                 continue
-            row.bleu, row.bleu_signature = bleu.corpus_bleu(hyps, refs)
+            spec = exp.tasks[ti]
+            tokenize = bleu.tokenizer_for(bleu.target_language(spec.source), spec.bleu_tokenize)
+            row.bleu, row.bleu_signature = bleu.corpus_bleu(hyps, refs, tokenize)
+            row.chrf, row.chrf_signature = bleu.corpus_chrf(hyps, refs)
+            row.decoded, row.sample_seed = len(hyps), exp.eval.sample_seed
+            row.split_size = len(task.examples.get(split, []))
             row.empty_fraction, row.looping_fraction = bleu.degenerate_fractions(hyps)
             if primary:
                 hyp_p, ref_p = bleu.write_decodes(run_dir, task.name, hyps, refs)
@@ -256,3 +266,19 @@ class Evaluator:
         if primary:
             rf.write_json(run_dir / "eval" / "summary.json", summary)
         return summary
+
+
+def score_lines(summary: rf.EvalSummary) -> list[str]:
+    """One line per task of an evaluation: its split and step, perplexity, BLEU and chrF
+    (translate tasks), and a warning when its decodes are degenerate."""
+    lines = []
+    for name, t in summary.tasks.items():
+        text = f"{name} ({summary.split}, step {summary.step}): perplexity "
+        text += f"{t.perplexity:.2f}" if t.perplexity is not None else "n/a"
+        if t.bleu is not None:
+            text += f", BLEU {t.bleu:.2f}, chrF {t.chrf:.2f} ({t.decoded} sentences)"
+        lines.append(text)
+        warning = bleu.degenerate_warning(name, t.empty_fraction, t.looping_fraction)
+        if warning:
+            lines.append(f"warning: {warning}")
+    return lines

@@ -31,8 +31,8 @@ from moe.pod.hlo import program_cost
 from moe.training import build
 from moe.training import state as state_lib
 from moe.training.checkpoint import Checkpointer
-from moe.training.evaluation import Evaluator
-from moe.training.metrics_log import MetricsLog, accumulate
+from moe.training.evaluation import Evaluator, score_lines
+from moe.training.metrics_log import MetricsLog, Ticker, accumulate
 from moe.training.projection import pod_summary
 from moe.training.restore import restore
 from moe.training.sharding import Placement
@@ -70,6 +70,22 @@ def _write_config(exp: cfg.Experiment, run_dir: Path) -> None:
     tmp.replace(saved)
 
 
+def _finished(exp: cfg.Experiment, run_dir: Path) -> rf.TrainSummary | None:
+    """The train summary of a run that is complete for ``exp`` (its last checkpoint is at
+    ``train.steps`` and its final evaluation, with the same eval settings, is written), else
+    None. Read before ``config.yaml`` is rewritten."""
+    saved, path = run_dir / "config.yaml", run_dir / "train_summary.json"
+    if not (saved.is_file() and (run_dir / "checkpoints" / str(exp.train.steps)).is_dir()):
+        return None
+    summary, problem = rf.read_json(path, rf.TrainSummary)
+    final, problem2 = rf.read_json(run_dir / "eval" / "summary.json", rf.EvalSummary)
+    old = cfg.load(saved).model_dump(mode="json")
+    new = exp.model_dump(mode="json")
+    same = all(old.get(k) == new.get(k) for k in (*_RESUME_KEYS, "eval"))
+    done = summary.steps == final.step == exp.train.steps and final.split == exp.eval.split
+    return summary if same and done and not problem and not problem2 else None
+
+
 def train(
     exp: cfg.Experiment, run_dir: Path, *, progress: bool = True, teacher=None
 ) -> rf.TrainSummary:
@@ -89,21 +105,29 @@ def train(
 def _train(exp: cfg.Experiment, run_dir: Path, progress: bool, teacher) -> rf.TrainSummary:
     primary = jax.process_index() == 0
     say = functools.partial(print, file=sys.stderr) if primary else (lambda *a, **k: None)
-    clock = _Clock()
+    clock = _Clock(say)
+    finished = _finished(exp, run_dir)  # read before config.yaml is rewritten
     _check_run_dir(exp, run_dir)
+    if finished is not None:  # trained and evaluated already: nothing to repeat or append
+        say(
+            f"moe: {run_dir} is trained to step {exp.train.steps} and evaluated on the "
+            f"{exp.eval.split} split already; nothing to do (raise train.steps to train on, "
+            f"`moe eval {run_dir}` evaluates again)"
+        )
+        return finished
 
     # --- Input pipeline (the primary first measures this host's matmul rate, once: the other
     # processes wait for it to build the data anyway) ---------------------------------------------
     cache = Path(exp.data.cache_dir)
     host_rate = matmul_rate(cache / "matmul_rate.json") if primary else None
-    with clock("data"):
+    with clock("data", "input data ready"):
         data = prepare(exp, say=say)
     if primary:  # the data is good: the run really starts (config.yaml, its vocabulary)
         _write_config(exp, run_dir)
         shutil.copyfile(data.vocab.path, run_dir / rf.VOCAB_FILE)
 
     # --- Mesh, model and state (parameters born sharded); restore ------------------------------
-    with clock("init"):
+    with clock("init", "model state ready"):
         placement = Placement.for_experiment(exp)
         state = placement.init_state()
         ckpt = Checkpointer(run_dir / "checkpoints", keep=exp.checkpoint.keep)
@@ -132,6 +156,7 @@ def _train(exp: cfg.Experiment, run_dir: Path, progress: bool, teacher) -> rf.Tr
     # --- Loop: host batches made ahead in a thread; metrics stay on device between logs --------
     log = MetricsLog(run_dir, data.task_names, enabled=primary, start_step=start)
     bar = _progress(exp.train.steps, start, progress and primary)
+    ticker = Ticker(exp.train.steps, _every_tenth(exp), isinstance(bar, _NoBar))
     window, totals, acc, summed = _Window(), _Totals(), None, 0
     batches = Prefetcher(lambda s: _host_step(data, s), start, exp.train.steps)
     try:
@@ -145,6 +170,7 @@ def _train(exp: cfg.Experiment, run_dir: Path, progress: bool, teacher) -> rf.Tr
             if step == start:  # the first step compiles: time it apart, start the clock after
                 jax.block_until_ready(state)
                 clock.add("compile", window.restart())
+                say(f"moe: compiled the train step and ran step {done} in {_s(clock, 'compile')}")
             if done % exp.train.log_every == 0 or done == exp.train.steps:
                 m = jax.device_get(acc)  # waits for the window's steps: the timing is real
                 seconds, steps, tokens = window.close()
@@ -161,10 +187,8 @@ def _train(exp: cfg.Experiment, run_dir: Path, progress: bool, teacher) -> rf.Tr
                 acc, summed = None, 0
                 rate = totals.tokens_per_second()
                 bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rate or 0:,.0f}")
-                if isinstance(bar, _NoBar) and done % _every_tenth(exp) == 0:
-                    say(
-                        f"moe: step {done}/{exp.train.steps} loss {loss:.3f} {rate or 0:,.0f} tok/s"
-                    )
+                if ticker.due(done):  # no bar (mpirun, a pipe): a line now and then, with ETA
+                    say(ticker.line(done, loss, rate, totals.step_ms()))
                 if int(jax.device_get(state.bad_steps)) > exp.train.max_bad_steps:
                     good = ckpt.latest_step()
                     kept = (
@@ -180,8 +204,13 @@ def _train(exp: cfg.Experiment, run_dir: Path, progress: bool, teacher) -> rf.Tr
             bar.update(1)
             if exp.eval.every and done % exp.eval.every == 0 and done < exp.train.steps:
                 with clock("eval"), window.paused(state):
+                    t0 = time.perf_counter()
                     result, _ = evaluator.perplexities(state_lib.model_state(state), "valid")
                     log.eval(done, result, "valid")
+                    ppl = ", ".join(
+                        f"{k} {v.perplexity or float('nan'):.2f}" for k, v in result.items()
+                    )
+                    say(f"moe: valid perplexity at step {done}: {ppl} ({_s(t0)})")
             # Never while steps are being skipped: the good checkpoints would rotate out.
             if exp.checkpoint.every and done % exp.checkpoint.every == 0 and _good(state):
                 with clock("checkpoint"), window.paused(state):
@@ -206,11 +235,14 @@ def _train(exp: cfg.Experiment, run_dir: Path, progress: bool, teacher) -> rf.Tr
         pod=rf.PodSummary(**pod_summary(exp, placement, compiled, totals.step_ms())),
         **totals.summary(compiled, host_rate),
     )
-    with clock("final_eval"):
+    say(f"moe: final evaluation on the {exp.eval.split} split{_decoding(exp)}")
+    with clock("final_eval", "final evaluation done"):
         result = evaluator.full(
             run_dir, state_lib.model_state(state), exp.eval.split, exp.train.steps
         )
         log.eval(exp.train.steps, result.tasks, exp.eval.split)
+    for line in score_lines(result):
+        say(f"moe: {line}")
     summary.timing = clock.timing()
     if primary:
         rf.write_json(run_dir / "train_summary.json", summary)
@@ -328,18 +360,21 @@ class _Totals:
 
 
 class _Clock:
-    """Seconds per phase (``with clock("eval"): ...``)."""
+    """Seconds per phase (``with clock("eval"): ...``); with a ``note``, a line saying it ended
+    and how long it took."""
 
-    def __init__(self):
-        self.t0, self.phases = time.perf_counter(), {}
+    def __init__(self, say=lambda *a, **k: None):
+        self.t0, self.phases, self.say = time.perf_counter(), {}, say
 
     @contextlib.contextmanager
-    def __call__(self, phase: str):
+    def __call__(self, phase: str, note: str | None = None):
         t = time.perf_counter()
         try:
             yield
         finally:
             self.add(phase, time.perf_counter() - t)
+        if note:
+            self.say(f"moe: {note} in {time.perf_counter() - t:.1f} s")
 
     def add(self, phase: str, seconds: float) -> None:
         self.phases[phase] = self.phases.get(phase, 0.0) + seconds
@@ -353,10 +388,27 @@ class _Clock:
         )
 
 
-def evaluate_checkpoint(run_dir: Path, *, step=None, split=None) -> rf.EvalSummary:
-    """`moe eval RUN_DIR`: restore a checkpoint and run the full evaluation."""
+def _s(t0: float | _Clock, phase: str = "") -> str:
+    """Seconds since ``t0``, or of a clock's phase, as text."""
+    seconds = t0.phases.get(phase, 0.0) if isinstance(t0, _Clock) else time.perf_counter() - t0
+    return f"{seconds:.1f} s"
+
+
+def _decoding(exp: cfg.Experiment) -> str:
+    n = sum(t.kind == "translate" for t in exp.tasks) if exp.eval.bleu_examples else 0
+    return f", decoding {exp.eval.bleu_examples} sentences of each of {n} task(s)" if n else ""
+
+
+def evaluate_checkpoint(
+    run_dir: Path, *, step=None, split=None, overrides: tuple[str, ...] = ()
+) -> rf.EvalSummary:
+    """`moe eval RUN_DIR [eval.key=value ...]`: restore a checkpoint and run the full evaluation
+    (``overrides`` change the evaluation settings only: the model is the checkpoint's)."""
+    bad = [o for o in overrides if not o.startswith("eval.")]
+    if bad:
+        raise UserError(f"moe eval takes eval.* overrides only (the model is the run's): {bad[0]}")
     restored = restore(run_dir, step)
-    exp = restored.exp
+    exp = cfg.load(run_dir / "config.yaml", list(overrides)) if overrides else restored.exp
     data = prepare(exp, say=lambda *a, **k: None)
     log = MetricsLog(run_dir, data.task_names, enabled=jax.process_index() == 0, start_step=None)
     split = split or exp.eval.split

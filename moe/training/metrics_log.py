@@ -1,4 +1,5 @@
-"""metrics.jsonl and TensorBoard events for a run (written by the primary process only).
+"""metrics.jsonl and TensorBoard events for a run (written by the primary process only), and
+the progress lines printed where there is no bar (``Ticker``).
 
 Lines are ``moe.runfiles.TrainLine`` (loss, lr, throughput, per-task loss, per-MoE-layer routing
 stats) and ``EvalLine`` (per-task loss, perplexity, BLEU). On resume, lines past the resumed
@@ -100,7 +101,7 @@ class MetricsLog:
         if not self.enabled:
             return
         slim = {
-            n: rf.EvalMetrics(loss=t.loss, perplexity=t.perplexity, bleu=t.bleu)
+            n: rf.EvalMetrics(loss=t.loss, perplexity=t.perplexity, bleu=t.bleu, chrf=t.chrf)
             for n, t in tasks.items()
         }
         self._write(rf.EvalLine(step=step, time=time.time(), split=split, tasks=slim))
@@ -142,3 +143,32 @@ def _step(line: str) -> int | None:
         return None
     step = record.get("step") if isinstance(record, dict) else None
     return step if isinstance(step, int) else None
+
+
+class Ticker:
+    """When to print a progress line without a bar (under mpirun, or to a pipe): at each tenth
+    of the run and at least every ``seconds``; the line has the steady-state speed and an ETA
+    (compile, evaluation and checkpoints excluded)."""
+
+    def __init__(self, total: int, every: int, enabled: bool, seconds: float = 30.0):
+        self.total, self.every, self.enabled, self.seconds = total, every, enabled, seconds
+        self.last = time.perf_counter()
+
+    def due(self, done: int) -> bool:
+        now = time.perf_counter()
+        if not self.enabled or not (done % self.every == 0 or now - self.last >= self.seconds):
+            return False
+        self.last = now
+        return True
+
+    def line(self, done: int, loss: float, rate: float | None, step_ms: float | None) -> str:
+        text = f"moe: step {done}/{self.total} ({done / self.total:.0%}) loss {loss:.3f}"
+        if rate and step_ms:
+            eta = (self.total - done) * step_ms / 1000
+            text += f", {rate:,.0f} tok/s (steady), {step_ms:.0f} ms/step, ETA {_hms(eta)}"
+        return text
+
+
+def _hms(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{m // 60}:{m % 60:02d}:{s:02d}" if m >= 60 else f"{m}:{s:02d}"

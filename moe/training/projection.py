@@ -66,6 +66,43 @@ def pod_summary(
     return out
 
 
+def scale_to_slice(exp: Experiment, slice_text: str, keep: tuple[str, ...] = ()):
+    """``(overrides, note)`` that project ``exp`` onto the slice ``topology:shape`` (``moe pod
+    plan --slice``): the slice's chips go to the data axis (the expert and model axes stay as
+    configured, so each device keeps its experts) and the global batch (train and eval) grows
+    with it, keeping the rows per device; ``note`` says so. ``keep`` names keys the user set
+    (``pod.mesh``, ``train.batch_size``, ``eval.batch_size``), left as they are. Raises
+    ValueError (one line) when the slice cannot hold the configured expert x model axes."""
+    topology, _, shape = slice_text.partition(":")
+    chips = get_slice(topology, shape or None).num_chips
+    target = [f"pod.topology={topology}", f"pod.slice={shape or 'null'}", "pod.processes=1"]
+    mesh = dict(exp.mesh_shape)
+    if "pod.mesh" in keep:
+        return target, f"projecting onto {slice_text} ({chips} chips) with the given pod.mesh"
+    others = 1
+    for axis, size in mesh.items():
+        others *= size if axis != "data" else 1
+    if chips % others:
+        raise ValueError(
+            f"{slice_text} has {chips} chips, not a multiple of the mesh's expert x model axes "
+            f"({others}); set pod.mesh for it, e.g. 'pod.mesh={{data: -1, expert: 1}}'"
+        )
+    data = chips // others
+    axes = ", ".join(f"{k}: {data if k == 'data' else v}" for k, v in mesh.items())
+    out = [*target, f"pod.mesh={{{axes}}}"]
+    note = f"projecting onto {slice_text} ({chips} chips): data axis {mesh['data']} -> {data}"
+    note += f" ({', '.join(f'{k} {v}' for k, v in mesh.items() if k != 'data')} kept)"
+    batches = (("train.batch_size", exp.train.batch_size), ("eval.batch_size", exp.eval.batch_size))
+    for key, size in batches:
+        scaled = size * data // mesh["data"]
+        if key in keep or scaled == size or size * data % mesh["data"]:
+            continue
+        out.append(f"{key}={scaled}")
+        if key == "train.batch_size":
+            note += f", global batch {size} -> {scaled} (the same rows per device)"
+    return out, note + "; set pod.mesh / train.batch_size to choose otherwise"
+
+
 def compile_train_step(exp: Experiment):
     """The experiment's train step compiled (not run) for this process's devices."""
     placement = Placement.for_experiment(exp)
@@ -84,6 +121,7 @@ def plan(exp: Experiment) -> str:
     rows = [
         ("slice", proj["target"]),
         ("mesh", str(exp.mesh_shape)),
+        ("global batch", str(exp.train.batch_size)),
         ("projected step (ms)", f"{proj['projected_step_ms']:.3f}"),
         ("  compute (ms)", f"{b['compute_ms']:.3f}"),
         ("  memory (ms)", f"{b['memory_ms']:.3f}"),

@@ -11,8 +11,10 @@ from collections import Counter
 import numpy as np
 import pytest
 import sentencepiece as spm
+from tinyrun import tiny_config
 
-from moe.data.pipeline import DataError, TaskSpec, build_tasks, split_of, task_tag
+from moe import config as cfg
+from moe.data.pipeline import DataError, TaskSpec, build_tasks, prepare, split_of, task_tag
 from moe.data.sources import Example
 from moe.data.tasks import Batcher
 
@@ -126,3 +128,22 @@ def test_build_tasks_rejects_duplicate_names_and_bad_sources(tmp_path):
         _build(tmp_path, [TaskSpec("a", "lm", "gettext:de"), TaskSpec("a", "lm", "gettext:fr")])
     with pytest.raises(DataError, match=r"^tsv:.*missing.tsv: file not found"):
         _build(tmp_path, [TaskSpec("a", "translate", f"tsv:{tmp_path}/missing.tsv")])
+
+
+def test_bleu_sentences_are_a_seeded_random_sample_not_the_first_ones(tmp_path):
+    """The test split of a gettext task is in alphabetical order: its first n sentences are a
+    biased sample. ``references(seed=...)`` draws n at random, the same for the same seed."""
+    data = prepare(cfg.load(tiny_config(tmp_path)), say=lambda *a: None)
+    pool = [e.src for e in data.tasks[0].examples["test"]]
+    assert len(pool) > 12
+    first, _, _ = data.references(0, "test", 8)
+    a, refs, tokens = data.references(0, "test", 8, seed=0)
+    b, _, _ = data.references(0, "test", 8, seed=0)
+    c, _, _ = data.references(0, "test", 8, seed=1)
+    assert first == pool[:8] and a == b and a != first and a != c
+    assert len(set(a)) == 8 and set(a) <= set(pool)
+    row = pool.index(a[3])  # the tokens are those of the sampled sentences
+    src, _ = data.tasks[0].splits["test"].read_rows([row])
+    assert (tokens[3, : src.shape[1]] == src[0]).all() and len(refs) == 8
+    everything, _, _ = data.references(0, "test", 10_000, seed=0)
+    assert everything == pool

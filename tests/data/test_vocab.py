@@ -71,3 +71,17 @@ def test_cache_key_covers_texts_and_symbols(tmp_path):
 def test_empty_texts_are_rejected(tmp_path):
     with pytest.raises(ValueError, match="no non-empty texts"):
         train_vocab(["", ""], 100, tmp_path)
+
+
+def test_identity_normalisation_keeps_what_nfkc_maps_to_ascii(tmp_path):
+    """nmt_nfkc turns `…`, full-width punctuation and `№` into ASCII: a model trained on it can
+    never write them. identity keeps the text as written (its own cache entry)."""
+    text = "保存しますか？ 続行… №5"
+    texts = _texts() + [text] * 5
+    nfkc = train_vocab(texts, 300, tmp_path, TAGS)
+    identity = train_vocab(texts, 300, tmp_path, TAGS, normalization="identity")
+    assert nfkc.path != identity.path
+    assert nfkc.decode(nfkc.encode(text)) == "保存しますか? 続行... No5"
+    assert identity.decode(identity.encode(text)) == text
+    with pytest.raises(ValueError, match="normalization"):
+        train_vocab(texts, 300, tmp_path, TAGS, normalization="nfc")

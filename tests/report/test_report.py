@@ -45,10 +45,11 @@ def _train_line(step, tasks, moe=True):
     return line
 
 
-def _eval_line(step, ppl, tasks):
+def _eval_line(step, ppl, tasks, split="valid"):
     return {
         "kind": "eval",
         "step": step,
+        "split": split,
         "tasks": {t: {"loss": 1.0, "perplexity": ppl + i} for i, t in enumerate(tasks)},
     }
 
@@ -58,18 +59,25 @@ def _write_run(path, *, tasks=("en-de", "wiki"), kinds=("translate", "lm"), moe=
     (path / "config.yaml").write_text(yaml.safe_dump(_config(zip(tasks, kinds), 2 if moe else 0)))
     lines = [_train_line(s, tasks, moe) for s in (1, 2, 3, 4)]
     lines[2:2] = [_eval_line(2, 90.0, tasks)]
-    lines.append(_eval_line(4, 30.0, tasks))
+    lines.append(_eval_line(4, 30.0, tasks, "test"))
     (path / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     if not full:
         return path
     (path / "eval").mkdir()
-    summary = {"step": 4, "tasks": {}, "expert_usage": {}}
+    summary = {"step": 4, "split": "test", "tasks": {}, "expert_usage": {}}
     for name, kind in zip(tasks, kinds):
         summary["tasks"][name] = {"kind": kind, "perplexity": 25.0, "examples_seen": 10}
         if kind == "translate":
             summary["tasks"][name].update(
                 bleu=12.5,
                 bleu_signature="nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp|version:2.6.0",
+                chrf=40.25,
+                chrf_signature="nrefs:1|case:mixed|eff:yes|nc:6|nw:0|space:no|version:2.6.0",
+                decoded=5,
+                sample_seed=0,
+                split_size=5,
+                empty_fraction=0.0,
+                looping_fraction=0.0,
                 hypotheses=f"eval/{name}.hyp.txt",
                 references=f"eval/{name}.ref.txt",
                 examples=[
@@ -100,6 +108,8 @@ def _write_run(path, *, tasks=("en-de", "wiki"), kinds=("translate", "lm"), moe=
             "devices": 4,
             "processes": 1,
             "measured_step_ms": 47.5,
+            "projected_cpu_step_ms": 19.0,
+            "target": "tpu-v3:2x2",
             "projected_step_ms": 0.5,
             "projected_breakdown": {"compute_ms": 0.3, "all_to_all_ms": 0.2},
         },
@@ -135,14 +145,14 @@ def test_full_run_report_has_the_design_keys_and_final_numbers(tmp_path):
     assert result["train"]["steps"] == 4 and result["train"]["tokens_per_second"] == 1003.0
     assert result["experts"]["has_moe"] and list(result["experts"]["layers"]) == LAYERS
     assert result["experts"]["layers"][LAYERS[0]]["final_dropped_fraction"] == pytest.approx(0.025)
-    assert result["pod"]["measured_over_projected"] == pytest.approx(95.0)
+    assert result["pod"]["measured_over_projected"] == pytest.approx(2.5)  # CPU vs CPU
     assert result["problems"] == []
 
 
 def test_full_run_writes_all_plots(tmp_path):
     run = _write_run(tmp_path / "run")
     result = report.build(run).model_dump(mode="json")
-    assert set(result["plots"]) == {"loss", "expert_usage", "routing", "throughput"}
+    assert set(result["plots"]) == {"loss", "expert_usage", "routing", "throughput", "validation"}
     for name in result["plots"].values():
         _assert_png(run / name)
 
@@ -152,16 +162,19 @@ def test_markdown_has_the_per_task_table_pod_and_examples(tmp_path):
     report.build(run)
     md = (run / "report.md").read_text()
     assert md.startswith("# Run report: tiny")
-    assert (
-        "| task | kind | perplexity (first eval) | perplexity (final) | BLEU | examples seen |"
-        in md
-    )
-    assert "| `en-de` | translate | 90.00 | 25.00 | 12.50 | 100 |" in md
-    assert "| `wiki` | lm | 91.00 | 25.00 | – | 101 |" in md
-    assert "tok:13a" in md
+    header = "| task | kind | perplexity (valid, step 2) | perplexity (test, final, step 4) |"
+    assert header + " BLEU | chrF | examples seen |" in md
+    assert "| `en-de` | translate | 90.00 | 25.00 | 12.50 | 40.25 | 100 |" in md
+    assert "| `wiki` | lm | 91.00 | 25.00 | – | – | 101 |" in md
+    assert "tok:13a" in md and "chrF signature: `nrefs:1" in md
+    assert "random sample of 5 of the 5 test sentences (seed 0)" in md
     assert "![Training loss per task](loss.png)" in md
+    assert "![Validation perplexity per task](validation.png)" in md
     assert "expert_usage.png" in md and "routing.png" in md and "throughput.png" in md
-    assert "| measured / projected | 95.0 |" in md
+    assert "| projected step time on this CPU host (ms) | 19.0 |" in md
+    assert "| cost model accuracy here (measured / projected) | 2.50 |" in md
+    assert "Projected step time on the real slice (tpu-v3:2x2): 0.500 ms" in md
+    assert "Warning" not in md
     assert "| padding (share of positions) | 0.070 |" in md and "| FLOP utilisation" in md
     assert "Where the time went (s): data 3.0, compile 2.0, train 6.0, final_eval 1.0" in md
     assert "| all_to_all_ms | 0.200 |" in md
@@ -177,9 +190,9 @@ def test_only_config_and_metrics_says_na_and_does_not_crash(tmp_path):
     assert (de["perplexity"], de["first_perplexity"], de["bleu"]) == (30.0, 90.0, None)
     assert de["examples_seen"] is None and de["bleu_signature"] is None
     assert result["pod"]["measured_step_ms"] is None
-    assert "| `en-de` | translate | 90.00 | 30.00 | n/a | n/a |" in md
+    assert "| `en-de` | translate | 90.00 | 30.00 | n/a | n/a | n/a |" in md
     assert "eval/summary.json: missing" in md and "train_summary.json: missing" in md
-    assert "| measured step time here (ms) | n/a |" in md
+    assert "| measured step time on this CPU host (ms) | n/a |" in md
     assert "Data counts: n/a" in md
     assert "for 4 steps in n/a s" in md
     # With no per-task usage, the heatmap falls back to the last training step's load.
@@ -194,7 +207,7 @@ def test_dense_model_report_says_there_are_no_moe_layers(tmp_path):
     md = (run / "report.md").read_text()
     assert result["experts"]["has_moe"] is False and result["experts"]["layers"] == {}
     assert "no MoE layers" in md
-    assert set(result["plots"]) == {"loss", "throughput"}
+    assert set(result["plots"]) == {"loss", "throughput", "validation"}
     assert not (run / "expert_usage.png").exists() and not (run / "routing.png").exists()
 
 
@@ -249,3 +262,31 @@ def test_router_bias_and_device_fanout_reach_the_report(tmp_path):
         plain.experts.router_bias == {}
         and "Router bias" not in (tmp_path / "plain" / "report.md").read_text()
     )
+
+
+def test_a_valid_split_evaluation_is_labelled_valid_never_final(tmp_path):
+    """`moe eval --split valid` rewrites eval/summary.json for the valid split: the report says
+    which split and step its numbers are, and does not call them final."""
+    run = _write_run(tmp_path / "run")
+    summary = json.loads((run / "eval" / "summary.json").read_text())
+    summary.update(split="valid", step=3)
+    (run / "eval" / "summary.json").write_text(json.dumps(summary))
+    result = report.build(run)
+    md = (run / "report.md").read_text()
+    assert (result.final_split, result.final_step) == ("valid", 3)
+    assert "| perplexity (valid, step 3) |" in md and "final" not in md.split("## Training")[0]
+
+
+def test_degenerate_decodes_give_a_warning(tmp_path):
+    run = _write_run(tmp_path / "run")
+    summary = json.loads((run / "eval" / "summary.json").read_text())
+    summary["tasks"]["en-de"].update(empty_fraction=0.4, looping_fraction=0.25)
+    (run / "eval" / "summary.json").write_text(json.dumps(summary))
+    result = report.build(run)
+    md = (run / "report.md").read_text()
+    assert result.warnings == [
+        "en-de: 40% of the decoded lines are empty and 25% loop (a word three times in a row); "
+        "its BLEU means little (train longer?)"
+    ]
+    assert "**Warning**: en-de: 40% of the decoded lines are empty" in md
+    assert "`en-de` 40% empty, 25% looping" in md

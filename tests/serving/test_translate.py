@@ -57,7 +57,9 @@ def translate(run_dir, task, lines, capsys, monkeypatch, *args):
 @pytest.mark.slow
 def test_translate_prints_what_evaluation_decoded_one_line_per_input(tiny_run, capsys, monkeypatch):
     exp, run_dir = tiny_run
-    sources, _, _ = prepare(exp, say=lambda *a: None).references(0, "test", 8)
+    data = prepare(exp, say=lambda *a: None)  # the sentences evaluation decoded (its sample)
+    sources, _, _ = data.references(0, "test", exp.eval.bleu_examples, seed=exp.eval.sample_seed)
+    sources = sources[:8]
     hyps = (run_dir / "eval" / "rev.hyp.txt").read_text(encoding="utf-8").splitlines()
     out, err = translate(run_dir, "rev", sources, capsys, monkeypatch)
     # the same 8 sources as one batch: tokenised as training did, decoded as evaluation did

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -16,6 +19,7 @@ from tinyrun import tiny_config, train_and_report
 
 from moe import config as cfg
 from moe.data.pipeline import prepare
+from moe.errors import UserError
 from moe.training.checkpoint import Checkpointer
 from moe.training.loop import train
 from moe.training.sharding import Placement
@@ -33,7 +37,10 @@ def final_params(exp, run_dir, step):
 def reference_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("ref")
     exp = cfg.load(tiny_config(root))
-    summary = train_and_report(exp, root / "runs" / "tiny")
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):  # what the user sees (no bar: like under mpirun)
+        summary = train_and_report(exp, root / "runs" / "tiny")
+    (root / "stderr.txt").write_text(err.getvalue())
     return exp, root / "runs" / "tiny", summary
 
 
@@ -51,7 +58,15 @@ def test_a_short_run_writes_the_whole_run_directory(reference_run):
         "eval/rev.ref.txt",
     ):
         assert (run_dir / name).is_file(), name
-    assert list((run_dir / "tb").iterdir()), "TensorBoard events"
+    # TensorBoard (the package the README's `tensorboard --logdir runs/` runs) reads them back
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tb"))
+    events.Reload()
+    scalars = events.Tags()["scalars"]
+    assert {"train/loss", "train/rev/loss", "eval/rev/perplexity", "eval/rev/bleu"} <= set(scalars)
+    assert "eval/rev/chrf" in scalars
+    assert [e.step for e in events.Scalars("train/loss")] == list(range(2, 13, 2))
     report = json.loads((run_dir / "report.json").read_text())
     assert set(report["tasks"]) == {"rev", "lm"}
     assert report["tasks"]["rev"]["bleu"] is not None and report["tasks"]["lm"]["bleu"] is None
@@ -64,6 +79,45 @@ def test_a_short_run_writes_the_whole_run_directory(reference_run):
     batcher = prepare(exp, say=lambda *a: None).batcher  # the plans of every step, all rows
     planned = sum(len(batcher.plan(step).task) for step in range(12))
     assert summary.examples_seen["rev"] + summary.examples_seen["lm"] == planned > 12 * 8  # packed
+
+
+@pytest.mark.slow
+def test_every_phase_says_what_it_did_and_how_long_it_took(reference_run):
+    _, run_dir, _ = reference_run
+    err = (run_dir.parent.parent / "stderr.txt").read_text()
+    for line in (
+        r"moe: read 2 task source\(s\), [\d,]+ examples, in \d+\.\d s",
+        r"moe: vocabulary of \d+ pieces in \d+\.\d s",
+        r"moe: token stores of 6 task splits in \d+\.\d s",
+        r"moe: input data ready in \d+\.\d s",
+        r"moe: compiled the train step and ran step 1 in \d+\.\d s",
+        # without a bar (mpirun, a pipe): lines with the steady-state speed and an ETA
+        r"moe: step 4/12 \(33%\) loss \d\.\d{3}, [\d,]+ tok/s \(steady\), \d+ ms/step, ETA 0:\d\d",
+        r"moe: valid perplexity at step 6: rev [\d.]+, lm [\d.]+ \(\d+\.\d s\)",
+        r"moe: final evaluation on the test split, decoding 8 sentences of each of 1 task\(s\)",
+        r"moe: final evaluation done in \d+\.\d s",
+        r"moe: rev \(test, step 12\): perplexity [\d.]+, BLEU [\d.]+, chrF [\d.]+ \(8 sentences\)",
+        r"moe: lm \(test, step 12\): perplexity [\d.]+",
+    ):
+        assert re.search(line, err), (line, err)
+
+
+@pytest.mark.slow
+def test_training_a_finished_run_again_repeats_nothing(reference_run):
+    exp, run_dir, summary = reference_run
+    files = ("metrics.jsonl", "eval/summary.json", "train_summary.json")
+    before = {name: (run_dir / name).read_bytes() for name in files}
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        again = train(exp, run_dir, progress=False)
+    assert "evaluated on the test split already; nothing to do" in err.getvalue()
+    assert again.wall_time_s == summary.wall_time_s
+    assert {name: (run_dir / name).read_bytes() for name in files} == before
+    summary_json = json.loads((run_dir / "eval" / "summary.json").read_text())
+    rev = summary_json["tasks"]["rev"]
+    assert rev["chrf"] > 0 and "tok:13a" in rev["bleu_signature"]
+    assert (rev["decoded"], rev["sample_seed"], rev["split_size"]) == (8, 0, rev["split_size"])
+    assert rev["split_size"] > 8
 
 
 @pytest.mark.slow
@@ -153,13 +207,21 @@ def test_moe_eval_evaluates_a_named_checkpoint_and_keeps_the_metrics(reference_r
     from moe.training.loop import evaluate_checkpoint
 
     exp, run_dir, _ = reference_run
+    with pytest.raises(UserError, match="eval.. overrides only"):
+        evaluate_checkpoint(run_dir, overrides=("model.d_model=8",))
     before = (run_dir / "metrics.jsonl").read_text().splitlines()
-    evaluate_checkpoint(run_dir, step=8, split="valid")
+    evaluate_checkpoint(run_dir, step=8, split="valid", overrides=("eval.bleu_examples=4",))
     after = (run_dir / "metrics.jsonl").read_text().splitlines()
     assert after[: len(before)] == before and len(after) == len(before) + 1
+    assert json.loads(after[-1])["split"] == "valid" and json.loads(after[-1])["step"] == 8
     summary = json.loads((run_dir / "eval" / "summary.json").read_text())
     assert summary["step"] == 8 and summary["split"] == "valid"
-    assert summary["tasks"]["rev"]["perplexity"] > 1
+    assert summary["tasks"]["rev"]["perplexity"] > 1 and summary["tasks"]["rev"]["decoded"] == 4
+    from moe.report.build import build
+
+    report = build(run_dir)  # the valid numbers are labelled valid, never final
+    assert (report.final_split, report.final_step) == ("valid", 8)
+    assert "perplexity (valid, step 8)" in (run_dir / "report.md").read_text()
 
 
 @pytest.mark.slow

@@ -15,7 +15,7 @@ from moe import runfiles as rf
 POD = {"topology": "cpu", "slice": "4", "mesh": {"data": 2, "expert": 2}}
 
 
-def run(root, processes: int) -> tuple[rf.TrainSummary, list[rf.TrainLine]]:
+def run(root, processes: int) -> tuple[rf.TrainSummary, list[rf.TrainLine], str]:
     config = tiny_config(
         root,
         pod={**POD, "processes": processes},
@@ -35,7 +35,7 @@ def run(root, processes: int) -> tuple[rf.TrainSummary, list[rf.TrainLine]]:
     summary, problem = rf.read_json(run_dir / "train_summary.json", rf.TrainSummary)
     assert problem is None
     train, _, _ = rf.read_metrics(run_dir / "metrics.jsonl")
-    return summary, train
+    return summary, train, out.stderr
 
 
 @pytest.fixture(scope="module")
@@ -44,16 +44,28 @@ def runs(tmp_path_factory):
 
 
 def test_two_ranks_count_the_examples_of_both(runs):
-    summary, _ = runs[2]
+    summary, _, _ = runs[2]
     assert summary.pod.processes == 2
     assert sum(summary.examples_seen.values()) >= 12 * 8  # steps x rows, packed: more
     assert summary.examples_seen == runs[1][0].examples_seen
 
 
 def test_two_ranks_train_like_one_process_with_the_same_devices(runs):
-    (_, one), (_, two) = runs[1], runs[2]
+    (_, one, _), (_, two, _) = runs[1], runs[2]
     assert [x.step for x in one] == [x.step for x in two]
     for a, b in zip(one, two):
         assert b.loss == pytest.approx(a.loss, rel=1e-5, abs=1e-6)
         assert b.grad_norm == pytest.approx(a.grad_norm, rel=1e-4, abs=1e-6)
     assert set(two[-1].tasks) == {"rev", "lm"}  # per-task losses, logged by rank 0
+
+
+def test_under_mpirun_rank_0_prints_each_phase_and_progress_line_once(runs):
+    err = runs[2][2]
+    for line in (
+        "moe: input data ready in ",
+        "moe: compiled the train step and ran step 1 in ",
+        "moe: step 6/12 (50%) loss ",
+        "moe: final evaluation done in ",
+    ):
+        assert err.count(line) == 1, (line, err[-3000:])
+    assert "tok/s (steady)" in err and "ETA 0:" in err
