@@ -122,13 +122,15 @@ def test_pod_plan_slice_scales_the_data_axis_and_the_batch():
     overrides, note = scale_to_slice(quick, "tpu-v4:4x4x4")
     exp = cfg.load(QUICK, overrides)
     assert exp.pod_devices == 64 and exp.mesh_shape == {"data": 16, "expert": 4}
-    assert (exp.train.batch_size, exp.eval.batch_size) == (256, 256)
-    assert "data axis 2 -> 16" in note and "global batch 32 -> 256" in note
+    train, ev = quick.train.batch_size, quick.eval.batch_size  # the same rows per device
+    assert (exp.train.batch_size, exp.eval.batch_size) == (8 * train, 8 * ev)
+    assert "data axis 2 -> 16" in note and f"global batch {train} -> {8 * train}" in note
     kept, _ = scale_to_slice(quick, "tpu-v4:4x4x4", keep=("train.batch_size",))
     assert not any(o.startswith("train.batch_size") for o in kept)
     pod16 = cfg.load(POD16)  # its header's command
     exp = cfg.load(POD16, scale_to_slice(pod16, "tpu-v3:8x8")[0])
-    assert exp.mesh_shape == {"data": 16, "expert": 4} and exp.train.batch_size == 128
+    assert exp.mesh_shape == {"data": 16, "expert": 4}
+    assert exp.train.batch_size == 4 * pod16.train.batch_size
     with pytest.raises(ValueError, match="not a multiple of the mesh's expert x model axes"):
         scale_to_slice(quick, "cpu:6")
 
