@@ -14,6 +14,7 @@ from typing import Any
 from pydantic import Field, model_validator
 
 from moe import config_io
+from moe.config_families import expand_families
 from moe.config_io import ConfigError as ConfigError  # re-exported: cfg.ConfigError
 from moe.config_sections import (
     CheckpointConfig,
@@ -35,12 +36,21 @@ class Experiment(Section):
     model: ModelConfig = ModelConfig()
     moe: MoeConfig = MoeConfig()
     pod: PodConfig = PodConfig()
-    tasks: list[TaskConfig] = Field(min_length=1, description="The tasks trained together.")
+    tasks: list[TaskConfig] = Field(
+        min_length=1,
+        description="The tasks trained together; an entry {family: gettext, ...} "
+        "(config_sections.TaskFamily) expands to one named task per language and direction.",
+    )
     data: DataConfig = DataConfig()
     mixture: MixtureConfig = MixtureConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _families(cls, raw: Any) -> Any:
+        return expand_families(raw) if isinstance(raw, dict) else raw
 
     @model_validator(mode="after")
     def _cross_field(self) -> Experiment:

@@ -59,6 +59,8 @@ class TaskData(RunFile):
     duplicates: Count = None
     too_long: Count = None
     fallback_used: bool | None = None
+    language: str | None = None  # the task's non-English language (or en)
+    unk_rate: Number = None  # share of <unk> pieces in that language's held-out text
 
 
 class PodSummary(RunFile):
