@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
+import tempfile
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
+from moe import catalogues
 from moe.data.sources import Example, SourceStats, load_source
 from moe.data.vocab import UNK_ID, Vocab
 
@@ -36,23 +39,77 @@ def load_sources(
     max_chars: int | None,
     workers: int | None = None,
     say: Callable[[str], None] | None = None,
+    cache_dir: str | Path | None = None,
 ) -> dict[tuple[str, str], Loaded]:
     """``{(source, kind): (examples, stats)}`` for each distinct key, read in ``workers``
     processes (default: the host's cores, at most 8) when there are many; a ``DataError`` of
-    any source is raised here as it would be serially (the first in ``keys`` order)."""
+    any source is raised here as it would be serially (the first in ``keys`` order).
+
+    With ``cache_dir``, a gettext source's result is kept in ``<cache_dir>/sources/`` under a
+    key of its catalogues (paths, sizes, mtimes), kind and max_chars: a second run reads ~100
+    languages in seconds instead of minutes."""
     unique = list(dict.fromkeys(keys))
-    jobs = [(spec, kind, str(locale_root), max_chars) for spec, kind in unique]
-    workers = workers or min(8, os.cpu_count() or 1)
-    if workers < 2 or len(jobs) < PARALLEL_FROM:
-        return {key: _load(job) for key, job in zip(unique, jobs)}
     out: dict[tuple[str, str], Loaded] = {}
+    paths = {k: _cache_path(cache_dir, k, locale_root, max_chars) for k in unique}
+    for key, path in paths.items():
+        if path is not None and path.is_file():
+            try:
+                out[key] = pickle.loads(path.read_bytes())
+            except (OSError, pickle.UnpicklingError, EOFError, AttributeError):
+                pass  # a damaged entry is read again
+    todo = [k for k in unique if k not in out]
+    jobs = [(spec, kind, str(locale_root), max_chars) for spec, kind in todo]
+    workers = workers or min(8, os.cpu_count() or 1)
+    if say and len(unique) >= PARALLEL_FROM:
+        say(f"data: {len(unique) - len(todo)}/{len(unique)} sources cached, reading {len(todo)}")
+    if workers < 2 or len(jobs) < PARALLEL_FROM:
+        results = map(_load, jobs)
+        pool = None
+    else:
+        pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"))
+        results = pool.map(_load, jobs)
     step = max(1, len(jobs) // 10)
-    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-        for i, (key, result) in enumerate(zip(unique, pool.map(_load, jobs))):
+    try:
+        for i, (key, result) in enumerate(zip(todo, results)):
             out[key] = result
-            if say and ((i + 1) % step == 0 or i + 1 == len(jobs)):
+            if paths[key] is not None:
+                _write_atomic(paths[key], pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL))
+            if say and pool and ((i + 1) % step == 0 or i + 1 == len(jobs)):
                 say(f"data: read {i + 1}/{len(jobs)} sources ({workers} processes)")
-    return out
+    finally:
+        if pool is not None:
+            pool.shutdown()
+    return {k: out[k] for k in unique}
+
+
+SOURCES_FORMAT = 1  # bump when reading a source changes what it yields
+
+
+def _cache_path(cache_dir, key, locale_root, max_chars) -> Path | None:
+    spec, kind = key
+    scheme, _, lang = spec.partition(":")
+    if cache_dir is None or scheme != "gettext":
+        return None
+    files = catalogues.catalogue_files(locale_root, lang) if lang and "/" not in lang else []
+    if not files:
+        return None  # the fallback corpus or an error: nothing worth keeping
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"sources/v{SOURCES_FORMAT}\0{spec}\0{kind}\0{max_chars}\0".encode())
+    for path in files:
+        st = path.stat()
+        h.update(f"{path.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+    return Path(cache_dir) / "sources" / f"{h.hexdigest()}.pkl"
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except OSError:
+        pass  # the cache is an optimisation
 
 
 def side_languages(name: str, kind: str, source: str, reverse: bool) -> tuple[str, str]:

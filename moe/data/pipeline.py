@@ -144,7 +144,11 @@ def build_tasks(
         raise DataError(f"tasks must be a non-empty list with unique names; got {names}")
     tags = [task_tag(s) for s in specs]
     read = multilingual.load_sources(
-        [(s.source, s.kind) for s in specs], locale_root=locale_root, max_chars=max_chars, say=say
+        [(s.source, s.kind) for s in specs],
+        locale_root=locale_root,
+        max_chars=max_chars,
+        say=say,
+        cache_dir=Path(cache_dir),
     )
     loaded: list[tuple[dict[str, list[Example]], SourceStats]] = []
     notes: list[str] = []

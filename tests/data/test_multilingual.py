@@ -61,3 +61,15 @@ def test_sources_are_read_once_in_parallel_with_progress(tmp_path):
     serial = multilingual.load_sources(keys, locale_root=root, max_chars=None, workers=1)
     assert len(out) == 6 and out == serial
     assert lines[-1] == "data: read 6/6 sources (2 processes)"
+
+
+def test_gettext_sources_are_cached_until_a_catalogue_changes(tmp_path):
+    root = fake_locale(tmp_path / "locale", {"aa": 12, "bb": 8})
+    keys = [("gettext:aa", "translate"), ("gettext:bb", "lm")]
+    first = multilingual.load_sources(keys, locale_root=root, max_chars=None, cache_dir=tmp_path)
+    assert len(list((tmp_path / "sources").glob("*.pkl"))) == 2
+    again = multilingual.load_sources(keys, locale_root=root, max_chars=None, cache_dir=tmp_path)
+    assert again == first
+    fake_locale(tmp_path / "locale", {"aa": 20})
+    changed = multilingual.load_sources(keys, locale_root=root, max_chars=None, cache_dir=tmp_path)
+    assert changed[keys[0]][1].examples == 20 and changed[keys[1]] == first[keys[1]]
