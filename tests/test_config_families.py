@@ -76,3 +76,11 @@ def test_counts_follow_the_tree(tmp_path):
     fake_locale(tmp_path / "locale", {"aa": 20})  # a changed catalogue: a new cache key
     assert catalogues.count_pairs(root, None, tmp_path / "c", workers=1)["aa"] == 20
     assert catalogues.count_pairs(root, 5, tmp_path / "c", workers=1)["aa"] < 20  # max_chars
+
+
+def test_overrides_reach_a_family(tmp_path):
+    path = _write(tmp_path, {"min_pairs": 1})
+    exp = cfg.load(path, ["tasks.0.max_languages=1", "tasks.0.weights={en-aa: 3}"])
+    assert [(t.name, t.weight) for t in exp.tasks] == [("en-aa", 3.0)]
+    with pytest.raises(cfg.ConfigError, match="tasks.0.max_langs: Extra inputs"):
+        cfg.load(path, ["tasks.0.max_langs=1"])
