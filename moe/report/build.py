@@ -215,7 +215,7 @@ def build(run_dir: str | Path) -> rf.Report:
         "throughput": plots.throughput(run.train, path / PLOTS["throughput"]),
     }
     section = pathways.section(path, run.config, run.summary)
-    if section:
+    if section and not crowded:  # one panel per task: the clustered heatmap replaces it
         written["pathways"] = pathways.diagram(section, usage, path / PLOTS["pathways"])
     quantised, distilled = serving.load(path)  # serving.json, distill.json
     experts = _experts_section(run, layers)

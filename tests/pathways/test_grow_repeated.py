@@ -1,7 +1,10 @@
 """Growing again and again (issue 13): a family run with three languages reserved (weight 0 by
 the family's per-task weights) gets them added one after another with `moe grow`; after each
 grow every earlier task -- the base tasks and the languages grown before -- evaluates
-bit-identically to the run it was grown from."""
+bit-identically to the run it was grown from (``grow.json``'s ``old_tasks_check``: held-out NLL
+of each old task, parent vs grown model). Each grow starts from the previous grown run's step-0
+checkpoint: training a grown run never moves a frozen weight (tests/pathways/test_grow.py), so
+the test skips it and stays fast."""
 
 from __future__ import annotations
 
@@ -13,8 +16,6 @@ from tinyrun import fake_locale, tiny_config, train_and_report
 
 from moe import config as cfg
 from moe.pathways import grow
-from moe.report import build as report
-from moe.training.loop import train
 
 pytestmark = pytest.mark.slow
 RESERVED = ["en-cc", "en-dd", "en-ee"]
@@ -49,11 +50,9 @@ def test_three_languages_grown_one_after_another(tmp_path):
             )
         )
         child_dir = grow.prepare_grown_run(run_dir, grow.load_grow_file(gf), str(gf), say=print)
-        train(cfg.load(child_dir / "config.yaml"), child_dir, progress=False)
-        rows = grow.compare_old_tasks(child_dir)
-        report.build(child_dir)
-        assert [n for n in earlier if rows[n]["identical"]] == earlier, (task, rows)
         record = json.loads((child_dir / "grow.json").read_text())
+        rows = record["old_tasks_check"]
+        assert [n for n in earlier if rows[n]["identical"]] == earlier, (task, rows)
         assert record["params_after"] > record["params_before"]
         assert cfg.load(child_dir / "config.yaml").moe.num_experts == 4 + 2 * (i + 1)
         earlier.append(task)
