@@ -12,6 +12,7 @@ process on the same host) loads instead of rebuilding.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import itertools
 from collections.abc import Callable, Iterator, Sequence
@@ -64,6 +65,7 @@ def _key(example: Example) -> str:
     return example.src if example.src else example.tgt
 
 
+@functools.lru_cache(maxsize=1 << 21)  # tasks of one language pair share their English side
 def _hash_unit(text: str) -> float:
     """blake2b of `text` mapped to [0, 1)."""
     digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
