@@ -1,7 +1,7 @@
 """Growing again and again (issue 13): a family run with three languages reserved (weight 0 by
 the family's per-task weights) gets them added one after another with `moe grow`; after each
 grow every earlier task -- the base tasks and the languages grown before -- evaluates
-bit-identically to the run it was grown from (``grow.json``'s ``old_tasks_check``: held-out NLL
+bit-identically to the run it was grown from, under many_tasks.yaml's Task-MoE routing (``grow.json``'s ``old_tasks_check``: held-out NLL
 of each old task, parent vs grown model). Each grow starts from the previous grown run's step-0
 checkpoint: training a grown run never moves a frozen weight (tests/pathways/test_grow.py), so
 the test skips it and stays fast."""
@@ -29,7 +29,7 @@ def test_three_languages_grown_one_after_another(tmp_path):
         tasks=[family],
         data={"locale_dir": str(root)},
         model={"encoder_layers": 1, "decoder_layers": 1},  # one MoE layer each: fast compiles
-        moe={"every": 1},
+        moe={"every": 1, "routing_input": {"encoder": "token+task", "decoder": "task"}},
         train={"steps": 4},
         eval={"every": 0, "bleu_examples": 0, "max_examples": 8},
         checkpoint={"every": 0, "keep": 1},
