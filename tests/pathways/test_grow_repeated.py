@@ -1,8 +1,9 @@
 """Growing again and again (issue 13): a family run with three languages reserved (weight 0 by
 the family's per-task weights) gets them added one after another with `moe grow`; after each
 grow every earlier task -- the base tasks and the languages grown before -- evaluates
-bit-identically to the run it was grown from, under many_tasks.yaml's Task-MoE routing (``grow.json``'s ``old_tasks_check``: held-out NLL
-of each old task, parent vs grown model). Each grow starts from the previous grown run's step-0
+bit-identically to the run it was grown from, under many_tasks.yaml's Task-MoE routing
+(``grow.json``'s ``old_tasks_check``: held-out NLL of each old task, parent vs grown model).
+Each grow starts from the previous grown run's step-0
 checkpoint: training a grown run never moves a frozen weight (tests/pathways/test_grow.py), so
 the test skips it and stays fast."""
 
