@@ -14,6 +14,7 @@ from typing import Any
 from pydantic import BaseModel, Field, field_validator, model_validator
 
 from moe import config_io
+from moe.config_families import expand_families
 from moe.config_io import ConfigError as ConfigError  # re-exported: cfg.ConfigError
 from moe.config_sections import (
     CheckpointConfig,
@@ -35,7 +36,11 @@ class Experiment(Section):
     model: ModelConfig = ModelConfig()
     moe: MoeConfig = MoeConfig()
     pod: PodConfig = PodConfig()
-    tasks: list[TaskConfig] = Field(min_length=1, description="The tasks trained together.")
+    tasks: list[TaskConfig] = Field(
+        min_length=1,
+        description="The tasks trained together; an entry {family: gettext, ...} "
+        "(config_sections.TaskFamily) expands to one named task per language and direction.",
+    )
     data: DataConfig = DataConfig()
     mixture: MixtureConfig = MixtureConfig()
     train: TrainConfig = TrainConfig()
@@ -49,6 +54,11 @@ class Experiment(Section):
         if "/" in name or "\\" in name or name in (".", "..") or "\0" in name:
             raise ValueError("must be one directory name inside runs_dir (no '/', not '..')")
         return name
+
+    @model_validator(mode="before")
+    @classmethod
+    def _families(cls, raw: Any) -> Any:
+        return expand_families(raw) if isinstance(raw, dict) else raw
 
     @model_validator(mode="after")
     def _cross_field(self) -> Experiment:

@@ -110,7 +110,8 @@ def _apply_override(raw: dict[str, Any], item: str, root: type[BaseModel]) -> No
     if isinstance(node, list):
         node[_list_index(node, last, item, key)] = value
     else:
-        _check_known(root, parts, item)
+        if "family" not in node:  # a task family's keys are checked by its own model
+            _check_known(root, parts, item)
         node[last] = value
 
 

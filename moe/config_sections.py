@@ -224,6 +224,14 @@ class TaskConfig(Section):
         description="Freeze every parameter this task uses (its experts, its task embedding, "
         "and all shared non-expert weights); set by `moe grow` on the old tasks.",
     )
+    reverse: bool = Field(
+        False,
+        description="Translate the source's other side into its first (gettext:xx: xx -> "
+        "English); the split still follows the English side, the tag is <2en>.",
+    )
+    group: str | None = Field(
+        None, description="The task family this task came from (gettext/en-x, gettext/x-en)."
+    )
 
 
 class DataConfig(Section):
@@ -236,6 +244,15 @@ class DataConfig(Section):
         "nfkc",
         description="Vocabulary text normalisation: nfkc maps full-width forms, `…` and `№` "
         "to ASCII (the model can then never write them); identity keeps text as written.",
+    )
+    vocab_per_language: int | None = Field(
+        None,
+        gt=0,
+        description="Texts of each language in the vocabulary's training sample (a fixed "
+        "subset), so every language gets its share; None = all texts pooled.",
+    )
+    character_coverage: float = Field(
+        1.0, gt=0.9, le=1.0, description="SentencePiece character coverage (0.9995 for CJK)."
     )
 
 
@@ -321,6 +338,12 @@ class EvalConfig(Section):
     bleu_examples: int = Field(200, ge=0, description="Examples decoded per task for BLEU.")
     sample_seed: int = Field(
         0, description="Seed of the random sample of `bleu_examples` sentences (recorded)."
+    )
+    max_examples: int | None = Field(
+        None,
+        gt=0,
+        description="Held-out examples kept per task and split: a fixed random subset "
+        "(perplexity and BLEU use it); None = the whole split.",
     )
     beam_size: int = Field(1, ge=1, description="1 = greedy decoding.")
     length_penalty: float = Field(0.6, ge=0.0, description="GNMT length penalty alpha.")

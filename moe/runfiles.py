@@ -59,6 +59,8 @@ class TaskData(RunFile):
     duplicates: Count = None
     too_long: Count = None
     fallback_used: bool | None = None
+    language: str | None = None  # the task's non-English language (or en)
+    unk_rate: Number = None  # share of <unk> pieces in that language's held-out text
 
 
 class PodSummary(RunFile):
@@ -353,6 +355,32 @@ class ReportPathways(RunFile):
     extracted: dict[str, Any] | None = None  # extracted.json
 
 
+class GroupMean(RunFile):
+    tasks: int = 0
+    bleu: Number = None
+    perplexity: Number = None
+
+
+class ReportOverlap(RunFile):
+    """Mean pathway overlap of same-direction task pairs within / across language families."""
+
+    within: Number = None
+    across: Number = None
+    within_pairs: int = 0
+    across_pairs: int = 0
+    by_family: dict[str, Number] = Field(default_factory=dict)
+
+
+class ReportMany(RunFile):
+    """The many-task summary (``moe.report.many``): tasks ranked, group means, overlap."""
+
+    by_bleu: list[str] = Field(default_factory=list)  # best first
+    by_perplexity: list[str] = Field(default_factory=list)  # best (lowest) first
+    groups: dict[str, GroupMean] = Field(default_factory=dict)
+    overlap: ReportOverlap | None = None
+    csv: str = "tasks.csv"
+
+
 class Report(RunFile):
     name: str = ""
     final_split: str | None = None  # the split and step of eval/summary.json
@@ -366,6 +394,7 @@ class Report(RunFile):
     pathways: ReportPathways | None = None
     serving: ServingSummary | None = None  # serving.json (moe quantize)
     distill: DistillInfo | None = None  # distill.json (moe distill)
+    many: ReportMany | None = None  # more than moe.report.many.MANY tasks
     plots: dict[str, str] = Field(default_factory=dict)
     problems: list[str] = Field(default_factory=list)
 

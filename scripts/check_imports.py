@@ -39,7 +39,7 @@ LAYERS = [
     ["moe.pod"],  # the hardware model: slices, virtual devices, cost of a compiled program
     ["moe.routing"],  # pure functions of router logits
     ["moe.parallel"],  # axes, meshes, the expert exchange, processes
-    ["moe.config", "moe.config_sections"],  # the experiment schema
+    ["moe.config", "moe.config_sections", "moe.config_families"],  # the experiment schema
     ["moe.layers"],  # Flax modules from narrow specs
     ["moe.data", "moe.eval"],  # input pipeline; decoding and BLEU
     ["moe.training"],  # the experiment becomes objects and trains

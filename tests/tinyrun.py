@@ -4,6 +4,8 @@ a tiny run the way ``moe train`` makes it (train, then the report)."""
 from __future__ import annotations
 
 import random
+import struct
+from pathlib import Path
 
 import yaml
 
@@ -21,6 +23,48 @@ def write_corpus(root, n=400, seed=0):
     (root / "rev.tsv").write_text("\n".join(pairs) + "\n")
     (root / "lm.txt").write_text("\n".join(lines) + "\n")
     return root / "rev.tsv", root / "lm.txt"
+
+
+_MO_HEADER = "Content-Type: text/plain; charset=UTF-8\nPlural-Forms: nplurals=2; plural=(n != 1);\n"
+
+
+def write_mo(path: Path, entries: dict[str, str]) -> Path:
+    """A minimal GNU .mo file: plural msgids are "one\\0many", contexts "ctx\\x04msgid"."""
+    entries = {"": _MO_HEADER, **entries}
+    keys = sorted(entries, key=lambda k: k.encode())
+    ids = [k.encode() for k in keys]
+    strs = [entries[k].encode() for k in keys]
+    n = len(keys)
+    table_o, table_t = 28, 28 + 8 * n
+    offset = 28 + 16 * n
+    orig, trans, blob = [], [], b""
+    for group, table in ((ids, orig), (strs, trans)):
+        for s in group:
+            table.append((len(s), offset + len(blob)))
+            blob += s + b"\0"
+    out = struct.pack("<7I", 0x950412DE, 0, n, table_o, table_t, 0, 0)
+    out += b"".join(struct.pack("<2I", *e) for e in orig + trans) + blob
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(out)
+    return path
+
+
+def fake_locale(root: Path, sizes: dict[str, int], seed: int = 0) -> Path:
+    """A locale tree of made-up languages: ``sizes[lang]`` English phrases each, translated
+    by a fixed word substitution per language (so the languages differ), in two catalogues."""
+    rng = random.Random(seed)
+    phrases = sorted(
+        {" ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 4))) for _ in range(400)}
+    )
+    for li, (lang, n) in enumerate(sorted(sizes.items())):
+        table = {w: f"{w[::-1]}{'aeiou'[li % 5]}{li}" for w in WORDS}
+        entries = {p: " ".join(table[w] for w in p.split()) for p in phrases[:n]}
+        half = sorted(entries)[: n // 2]
+        write_mo(root / lang / "LC_MESSAGES/a.mo", {k: entries[k] for k in half})
+        write_mo(
+            root / lang / "LC_MESSAGES/b.mo", {k: v for k, v in entries.items() if k not in half}
+        )
+    return root
 
 
 def tiny_config(root, **sections):

@@ -12,6 +12,7 @@ process on the same host) loads instead of rebuilding.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import itertools
 import time
@@ -24,7 +25,8 @@ import jax
 import numpy as np
 
 from moe.config import Experiment
-from moe.data.sources import DEFAULT_LOCALE_ROOT, DataError, Example, SourceStats, load_source
+from moe.data import multilingual
+from moe.data.sources import DEFAULT_LOCALE_ROOT, DataError, Example, SourceStats
 from moe.data.tasks import SPLITS, Batcher, Task
 from moe.data.token_store import cached_store
 from moe.data.vocab import Vocab, train_vocab
@@ -64,6 +66,7 @@ def _key(example: Example) -> str:
     return example.src if example.src else example.tgt
 
 
+@functools.lru_cache(maxsize=1 << 21)  # tasks of one language pair share their English side
 def _hash_unit(text: str) -> float:
     """blake2b of `text` mapped to [0, 1)."""
     digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
@@ -85,6 +88,12 @@ class TaskSpec:
     target_lang: str | None = None
     weight: float = 1.0
     max_examples: int | None = None
+    reverse: bool = False  # translate the source's second side into its first (xx -> en)
+
+    @property
+    def languages(self) -> tuple[str, str]:
+        """(source language, target language): ``multilingual.side_languages``."""
+        return multilingual.side_languages(self.name, self.kind, self.source, self.reverse)
 
 
 @dataclass(frozen=True)
@@ -92,6 +101,7 @@ class PreparedData:
     tasks: tuple[Task, ...]
     vocab: Vocab
     notes: tuple[str, ...]  # one line each, for the log: fallback used, malformed lines, ...
+    unk_rates: dict[str, float] = dataclasses.field(default_factory=dict)  # per language
 
 
 def task_tag(spec: TaskSpec) -> str:
@@ -99,6 +109,8 @@ def task_tag(spec: TaskSpec) -> str:
     if spec.kind == "lm":
         return "<lm>"
     lang = spec.target_lang
+    if lang is None and spec.reverse and spec.source.startswith("gettext:"):
+        lang = "en"
     if lang is None and spec.source.startswith("gettext:"):
         lang = spec.source.partition(":")[2]
     return f"<2{lang or spec.name}>"
@@ -117,11 +129,18 @@ def build_tasks(
     locale_root: str | Path = DEFAULT_LOCALE_ROOT,
     vocab_model_type: str = "bpe",
     normalization: str = "nfkc",
-    say: Callable[..., None] = lambda *a, **k: None,
+    max_heldout: int | None = None,
+    vocab_per_language: int | None = None,
+    character_coverage: float = 1.0,
+    say: Callable[[str], None] | None = None,
 ) -> PreparedData:
     """Read, split, tokenise and store every task; see the module docstring. ``say`` gets a
     line with the duration of each phase (sources, vocabulary, token stores).
 
+    Distinct sources are read once, in parallel when there are many (``multilingual``).
+    ``max_heldout`` keeps a fixed hash-chosen subset of each valid/test split; held-out
+    examples are in hash order, so the first ``n`` (BLEU's references) are a fixed random
+    subset. ``vocab_per_language`` caps each language's texts in the vocabulary sample.
     Raises DataError (one line) for bad sources, duplicate task names, or a task whose train
     split is empty. Empty valid/test splits are allowed and noted.
     """
@@ -129,37 +148,61 @@ def build_tasks(
     if not specs or len(set(names)) != len(names):
         raise DataError(f"tasks must be a non-empty list with unique names; got {names}")
     tags = [task_tag(s) for s in specs]
+    read = multilingual.load_sources(
+        [(s.source, s.kind) for s in specs],
+        locale_root=locale_root,
+        max_chars=max_chars,
+        say=say,
+        cache_dir=Path(cache_dir),
+    )
     loaded: list[tuple[dict[str, list[Example]], SourceStats]] = []
     notes: list[str] = []
+    tell = say or (lambda line: None)
     t0 = time.perf_counter()
+    by_lang: dict[str, list[str]] = {}
     for spec in specs:
-        examples, stats = load_source(
-            spec.source, kind=spec.kind, locale_root=locale_root, max_chars=max_chars
-        )
+        examples, stats = read[(spec.source, spec.kind)]
         splits: dict[str, list[Example]] = {s: [] for s in SPLITS}
-        for e in examples:
+        for e in examples:  # split by the English side, before any reversal
             splits[split_of(e, valid_fraction, test_fraction)].append(e)
         if spec.max_examples is not None:
             splits["train"] = _cap(splits["train"], spec.max_examples)
+        for split in ("valid", "test"):
+            splits[split] = _cap(splits[split], max_heldout, ordered=True)
+        if spec.reverse:
+            splits = {k: [Example(e.tgt, e.src) for e in v] for k, v in splits.items()}
         if not splits["train"]:
             raise DataError(f"task {spec.name!r} ({spec.source}): no examples in the train split")
         loaded.append((splits, stats))
         notes.extend(_notes(spec, stats, splits))
+        multilingual.add_texts(by_lang, spec.languages, splits["train"])
     count = sum(len(ex) for splits, _ in loaded for ex in splits.values())
-    say(f"moe: read {len(specs)} task source(s), {count:,} examples, in {_since(t0)}")
+    tell(f"read {len(specs)} task source(s), {count:,} examples, in {_since(t0)}")
     t0 = time.perf_counter()
+    texts = (
+        _vocab_texts(loaded)
+        if vocab_per_language is None
+        else multilingual.vocab_sample(by_lang, vocab_per_language)
+    )
     vocab = train_vocab(
-        _vocab_texts(loaded),
+        texts,
         vocab_size,
         Path(cache_dir) / "vocab",
         user_symbols=sorted(set(tags)),
         model_type=vocab_model_type,
         normalization=normalization,
+        character_coverage=character_coverage,
     )
-    say(f"moe: vocabulary of {vocab.size:,} pieces in {_since(t0)}")
+    tell(f"vocabulary of {vocab.size:,} pieces in {_since(t0)}")
     t0 = time.perf_counter()
+    heldout_texts: dict[str, list[str]] = {}
+    for spec, (splits, _) in zip(specs, loaded):
+        multilingual.add_texts(heldout_texts, spec.languages, splits["valid"] + splits["test"])
+    unk_rates = multilingual.unknown_rates(vocab, heldout_texts)
     tasks = []
-    for spec, tag, (splits, stats) in zip(specs, tags, loaded):
+    for i, (spec, tag, (splits, stats)) in enumerate(zip(specs, tags, loaded)):
+        if say and len(specs) >= multilingual.PARALLEL_FROM and (i + 1) % 20 == 0:
+            say(f"data: token stores of {i + 1}/{len(specs)} tasks")
         tag_id = vocab.piece_to_id(tag)
         stores = {
             split: cached_store(
@@ -176,19 +219,22 @@ def build_tasks(
         }
         heldout = {split: splits[split] for split in ("valid", "test")}
         tasks.append(Task(spec.name, spec.kind, tag, tag_id, stores, spec.weight, stats, heldout))
-    say(f"moe: token stores of {len(tasks) * len(SPLITS)} task splits in {_since(t0)}")
-    return PreparedData(tuple(tasks), vocab, tuple(notes))
+    tell(f"token stores of {len(tasks) * len(SPLITS)} task splits in {_since(t0)}")
+    return PreparedData(tuple(tasks), vocab, tuple(notes), unk_rates)
 
 
 def _since(t0: float) -> str:
     return f"{time.perf_counter() - t0:.1f} s"
 
 
-def _cap(examples: list[Example], limit: int) -> list[Example]:
-    """The `limit` examples with the smallest hash, in their original order."""
-    if len(examples) <= limit:
+def _cap(examples: list[Example], limit: int | None, ordered: bool = False) -> list[Example]:
+    """The `limit` examples (None: all) with the smallest hash, in their original order, or
+    with `ordered` in hash order (a fixed random order)."""
+    rank = sorted(range(len(examples)), key=lambda i: (_hash_unit(_key(examples[i])), i))
+    if ordered:
+        return [examples[i] for i in rank[:limit]]
+    if limit is None or len(examples) <= limit:
         return examples
-    rank = sorted(range(len(examples)), key=lambda i: _hash_unit(_key(examples[i])))
     keep = set(rank[:limit])
     return [e for i, e in enumerate(examples) if i in keep]
 
@@ -233,6 +279,8 @@ class RunData:
     vocab: Vocab
     batcher: Batcher
     notes: tuple[str, ...]
+    unk_rates: dict[str, float] = dataclasses.field(default_factory=dict)  # per language
+    languages: dict[str, tuple[str, str]] = dataclasses.field(default_factory=dict)  # per task
 
     @property
     def task_names(self) -> list[str]:
@@ -250,6 +298,10 @@ class RunData:
                     too_long=t.stats.too_long,
                     fallback_used=t.stats.fallback_used,
                 )
+            if t.name in self.languages:
+                src, tgt = self.languages[t.name]
+                lang = tgt if src == "en" else src  # the non-English side (or English)
+                row.update(language=lang, unk_rate=self.unk_rates.get(lang))
             out[t.name] = row
         return out
 
@@ -282,7 +334,14 @@ class RunData:
 def task_specs(exp: Experiment) -> list[TaskSpec]:
     """The experiment's tasks as TaskSpecs (``task_tag`` of one gives its tag in the vocabulary)."""
     return [
-        TaskSpec(t.name, t.kind, t.source, weight=t.weight, max_examples=t.max_examples)
+        TaskSpec(
+            t.name,
+            t.kind,
+            t.source,
+            weight=t.weight,
+            max_examples=t.max_examples,
+            reverse=t.reverse,
+        )
         for t in exp.tasks
     ]
 
@@ -302,7 +361,10 @@ def prepare(exp: Experiment, say: Callable[..., None] = print) -> RunData:
             test_fraction=exp.data.test_fraction,
             locale_root=exp.data.locale_dir,
             normalization=exp.data.normalization,
-            say=say,
+            max_heldout=exp.eval.max_examples,
+            vocab_per_language=exp.data.vocab_per_language,
+            character_coverage=exp.data.character_coverage,
+            say=lambda line: say(f"moe: {line}"),
         )
 
     if jax.process_count() > 1:  # the primary fills the cache, then the others read it
@@ -315,11 +377,23 @@ def prepare(exp: Experiment, say: Callable[..., None] = print) -> RunData:
         prepared = build()
     for note in prepared.notes:
         say(f"moe: {note}")
-    for task in prepared.tasks:
+    many = len(prepared.tasks) > 12
+    for task in prepared.tasks if not many else ():
         say(
             f"moe: task {task.name}: {task.size('train')} train / {task.size('valid')} valid / "
             f"{task.size('test')} test examples"
         )
+    if many:
+        sizes = sorted((t.size("train"), t.name) for t in prepared.tasks)
+        say(
+            f"moe: {len(sizes)} tasks, train examples {sizes[0][0]} ({sizes[0][1]}) .. "
+            f"{sizes[-1][0]} ({sizes[-1][1]}), {sum(n for n, _ in sizes)} in all"
+        )
+    if len(prepared.unk_rates) > 1:
+        worst = sorted(prepared.unk_rates.items(), key=lambda kv: -kv[1])[:3]
+        say("moe: vocabulary <unk> rate, worst languages: " + ", ".join(
+            f"{lang} {rate:.2%}" for lang, rate in worst
+        ))  # fmt: skip
     batcher = Batcher(
         prepared.tasks,
         batch_size=exp.train.batch_size,
@@ -329,4 +403,7 @@ def prepare(exp: Experiment, say: Callable[..., None] = print) -> RunData:
         pack=exp.train.pack,
         temperature=exp.mixture.temperature,
     )
-    return RunData(prepared.tasks, prepared.vocab, batcher, prepared.notes)
+    languages = {s.name: s.languages for s in specs}
+    return RunData(
+        prepared.tasks, prepared.vocab, batcher, prepared.notes, prepared.unk_rates, languages
+    )

@@ -21,11 +21,10 @@ source and the problem.
 
 from __future__ import annotations
 
-import gettext
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from moe import catalogues
 from moe.data.corpus import FALLBACK_LANGS, fallback_pairs
 from moe.errors import UserError
 
@@ -74,9 +73,7 @@ class SourceStats:
         return f"{source}: " + ", ".join(parts)
 
 
-def normalize(text: str) -> str:
-    """Collapse newlines, tabs and repeated spaces to single spaces; strip the ends."""
-    return " ".join(text.split())
+normalize = catalogues.normalize  # one rule for every source
 
 
 def load_source(
@@ -190,7 +187,7 @@ def _read_gettext(
     """msgid -> msgstr pairs of every catalogue of `lang`, sorted; (pairs, malformed, fallback)."""
     if not lang or "/" in lang or lang.startswith("."):
         raise DataError(f"{spec}: {lang!r} is not a language code (e.g. gettext:de)")
-    files = sorted((root / lang / "LC_MESSAGES").glob("*.mo"))
+    files = catalogues.catalogue_files(root, lang)
     if not files:
         if lang not in FALLBACK_LANGS:
             raise DataError(
@@ -198,31 +195,8 @@ def _read_gettext(
                 f"fallback for {lang!r} (fallback languages: {', '.join(FALLBACK_LANGS)})"
             )
         return sorted(fallback_pairs(lang)), [], True
-    pairs: list[tuple[str, str]] = []
-    malformed: list[str] = []
-    for path in files:
-        try:
-            with open(path, "rb") as fp:
-                catalog = gettext.GNUTranslations(fp)._catalog  # the only way to enumerate entries
-        except (OSError, UnicodeDecodeError, ValueError, IndexError, struct.error) as err:
-            malformed.append(f"{path.name} ({type(err).__name__})")
-            continue
-        pairs.extend(_catalog_pairs(catalog))
-    return sorted(pairs), malformed, False
-
-
-def _catalog_pairs(catalog: dict) -> list[tuple[str, str]]:
-    out = []
-    for key, msgstr in catalog.items():
-        if isinstance(key, tuple):  # plural entry (msgid, form index): keep form 0 only
-            key, form = key
-            if form != 0:
-                continue
-        msgid = normalize(key.rpartition("\x04")[2])  # drop a msgctxt prefix
-        msgstr = normalize(msgstr)
-        if msgid and msgstr and msgstr != msgid:  # skips the header (empty msgid) too
-            out.append((msgid, msgstr))
-    return out
+    pairs, malformed = catalogues.read_pairs(files)
+    return pairs, malformed, False
 
 
 def _read_parallel(spec: str, arg: str) -> tuple[list[tuple[str, str]], list[str]]:

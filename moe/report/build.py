@@ -19,7 +19,7 @@ import yaml
 
 from moe import runfiles as rf
 from moe.eval import bleu
-from moe.report import markdown, pathways, plots, serving
+from moe.report import many, markdown, pathways, plots, serving
 
 PLOTS = {
     "loss": "loss.png",
@@ -28,6 +28,8 @@ PLOTS = {
     "throughput": "throughput.png",
     "validation": "validation.png",
     "pathways": pathways.PLOT,
+    "many_heatmap": many.HEATMAP,
+    "bleu_vs_size": many.BLEU_PLOT,
 }
 LAYER_STATS = ("dropped_fraction", "load_cv", "aux_loss", "z_loss", "device_fanout")
 
@@ -228,22 +230,33 @@ def build(run_dir: str | Path) -> rf.Report:
     names, layers = task_names(run), moe_layers(run)
     usage, usage_source = _usage_for_plot(run)
     path = run.run_dir
+    crowded = len(names) > many.MANY
     written = {
         "loss": plots.loss_curves(run.train, names, path / PLOTS["loss"]),
-        "expert_usage": plots.expert_usage(usage, path / PLOTS["expert_usage"]),
+        "expert_usage": not crowded and plots.expert_usage(usage, path / PLOTS["expert_usage"]),
         "routing": plots.routing_curves(run.train, layers, path / PLOTS["routing"]),
         "throughput": plots.throughput(run.train, path / PLOTS["throughput"]),
         "validation": plots.validation_curves(run.evals, names, path / PLOTS["validation"]),
     }
     section = pathways.section(path, run.config, run.summary)
-    if section:
+    if section and not crowded:  # one panel per task: the clustered heatmap replaces it
         written["pathways"] = pathways.diagram(section, usage, path / PLOTS["pathways"])
     quantised, distilled = serving.load(path)  # serving.json, distill.json
     experts = _experts_section(run, layers)
     experts.usage_source = usage_source
     tasks = _tasks_section(run, names)
+    summary = None
+    if crowded:  # the many-task report: tasks.csv, summary, clustered heatmap, BLEU vs size
+        table_rows = many.rows(rf.Report(tasks=tasks, data=run.train_summary.data))
+        many.write_csv(table_rows, path / many.CSV)
+        order, overlap = many.overlap_matrix(run.summary.expert_usage)
+        fam = many.family_overlap(order, overlap, table_rows) if order else None
+        summary = many.summary(table_rows, fam)
+        written["many_heatmap"] = many.heatmap(run.summary.expert_usage, path / many.HEATMAP)
+        written["bleu_vs_size"] = many.bleu_vs_size(table_rows, path / many.BLEU_PLOT)
     report = rf.Report(
         name=run.config.get("name") or path.name,
+        many=summary,
         final_split=run.summary.split if run.summary.tasks else _last_eval(run).split,
         final_step=run.summary.step if run.summary.tasks else _last_eval(run).step,
         warnings=_warnings(tasks),

@@ -5,7 +5,7 @@ language-model task as "–"."""
 from __future__ import annotations
 
 from moe import runfiles as rf
-from moe.report import pathways, serving
+from moe.report import many, pathways, serving
 from moe.report.format import DASH, NA, cell, fmt, table
 
 
@@ -46,7 +46,7 @@ def _summary(report: rf.Report) -> str:
         )
     else:
         parts.append("The model has no MoE layers (dense feed-forward blocks only).")
-    for name, t in tasks.items():
+    for name, t in tasks.items() if report.many is None else ():
         text = f"`{name}`: perplexity {fmt(t.perplexity)} ({_final_label(report)}"
         if t.first_perplexity is not None:
             text += f"; valid at step {fmt(t.first_step)}: {fmt(t.first_perplexity)}"
@@ -228,8 +228,9 @@ def render(report: rf.Report, summary: rf.EvalSummary) -> str:
     lines = [f"# Run report: {report.name}", "", _summary(report), ""]
     if report.problems:
         lines += ["Missing or unreadable: " + "; ".join(report.problems) + ".", ""]
-    lines += _tasks(report) + _training(report) + _experts(report)
+    lines += _tasks(report) if report.many is None else many.markdown(report, report.many)
+    lines += _training(report) + _experts(report)
     lines += pathways.markdown(report.pathways, "pathways" in report.plots)
     lines += serving.markdown(report)
-    lines += _pod(report) + _examples(summary)
+    lines += _pod(report) + (_examples(summary) if report.many is None else [])
     return "\n".join(lines).rstrip() + "\n"

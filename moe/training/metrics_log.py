@@ -39,6 +39,11 @@ def moe_layer_stats(moe: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]
     return out
 
 
+# Above this many tasks, train lines carry no per-task losses (109 tasks x every log line would
+# make most of the file); the per-task figures come with every evaluation (eval lines).
+TRAIN_LINE_TASKS = 32
+
+
 class MetricsLog:
     def __init__(
         self, run_dir: Path, task_names: list[str], *, enabled: bool, start_step: int | None = 0
@@ -72,7 +77,8 @@ class MetricsLog:
             return
         m = {k: v if k in ("task_nll", "task_tokens") else _mean(v, steps) for k, v in m.items()}
         tasks = {}
-        for i, name in enumerate(self.task_names):
+        names = self.task_names if len(self.task_names) <= TRAIN_LINE_TASKS else ()
+        for i, name in enumerate(names):
             n = float(m["task_tokens"][i])
             if n > 0:
                 tasks[name] = rf.TaskLoss(loss=float(m["task_nll"][i]) / n, tokens=n)
