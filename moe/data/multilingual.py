@@ -9,9 +9,10 @@ English); an lm task on gettext is English; any other source is named after the 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import json
 import os
-import pickle
 import tempfile
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -54,8 +55,8 @@ def load_sources(
     for key, path in paths.items():
         if path is not None and path.is_file():
             try:
-                out[key] = pickle.loads(path.read_bytes())
-            except (OSError, pickle.UnpicklingError, EOFError, AttributeError):
+                out[key] = _decode(path.read_bytes())
+            except (OSError, ValueError, TypeError, KeyError):
                 pass  # a damaged entry is read again
     todo = [k for k in unique if k not in out]
     jobs = [(spec, kind, str(locale_root), max_chars) for spec, kind in todo]
@@ -73,7 +74,7 @@ def load_sources(
         for i, (key, result) in enumerate(zip(todo, results)):
             out[key] = result
             if paths[key] is not None:
-                _write_atomic(paths[key], pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL))
+                _write_atomic(paths[key], _encode(result))
             if say and pool and ((i + 1) % step == 0 or i + 1 == len(jobs)):
                 say(f"data: read {i + 1}/{len(jobs)} sources ({workers} processes)")
     finally:
@@ -82,7 +83,30 @@ def load_sources(
     return {k: out[k] for k in unique}
 
 
-SOURCES_FORMAT = 1  # bump when reading a source changes what it yields
+SOURCES_FORMAT = 2  # bump when reading a source changes what it yields (2: JSON, not pickle)
+
+
+def _encode(loaded: Loaded) -> bytes:
+    """A cache entry as JSON (never pickle: a cache directory must not be able to run code)."""
+    examples, stats = loaded
+    return json.dumps(
+        {"examples": [[e.src, e.tgt] for e in examples], "stats": dataclasses.asdict(stats)},
+        ensure_ascii=False,
+    ).encode("utf-8")
+
+
+def _decode(data: bytes) -> Loaded:
+    """Inverse of :func:`_encode`; ValueError/TypeError/KeyError for anything malformed."""
+    raw = json.loads(data.decode("utf-8"))
+    examples = []
+    for pair in raw["examples"]:
+        src, tgt = pair
+        if not (isinstance(src, str) and isinstance(tgt, str)):
+            raise TypeError("an example is not two strings")
+        examples.append(Example(src, tgt))
+    stats = dict(raw["stats"])
+    stats["malformed_at"] = tuple(str(x) for x in stats.get("malformed_at", ()))
+    return examples, SourceStats(**stats)
 
 
 def _cache_path(cache_dir, key, locale_root, max_chars) -> Path | None:
@@ -98,7 +122,7 @@ def _cache_path(cache_dir, key, locale_root, max_chars) -> Path | None:
     for path in files:
         st = path.stat()
         h.update(f"{path.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
-    return Path(cache_dir) / "sources" / f"{h.hexdigest()}.pkl"
+    return Path(cache_dir) / "sources" / f"{h.hexdigest()}.json"
 
 
 def _write_atomic(path: Path, data: bytes) -> None:

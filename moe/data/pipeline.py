@@ -148,6 +148,8 @@ def build_tasks(
     if not specs or len(set(names)) != len(names):
         raise DataError(f"tasks must be a non-empty list with unique names; got {names}")
     tags = [task_tag(s) for s in specs]
+    tell = say or (lambda line: None)
+    t0 = time.perf_counter()
     read = multilingual.load_sources(
         [(s.source, s.kind) for s in specs],
         locale_root=locale_root,
@@ -157,8 +159,6 @@ def build_tasks(
     )
     loaded: list[tuple[dict[str, list[Example]], SourceStats]] = []
     notes: list[str] = []
-    tell = say or (lambda line: None)
-    t0 = time.perf_counter()
     by_lang: dict[str, list[str]] = {}
     for spec in specs:
         examples, stats = read[(spec.source, spec.kind)]

@@ -67,9 +67,15 @@ def test_gettext_sources_are_cached_until_a_catalogue_changes(tmp_path):
     root = fake_locale(tmp_path / "locale", {"aa": 12, "bb": 8})
     keys = [("gettext:aa", "translate"), ("gettext:bb", "lm")]
     first = multilingual.load_sources(keys, locale_root=root, max_chars=None, cache_dir=tmp_path)
-    assert len(list((tmp_path / "sources").glob("*.pkl"))) == 2
+    entries = sorted((tmp_path / "sources").glob("*.json"))  # JSON: a cache never runs code
+    assert len(entries) == 2 and not list((tmp_path / "sources").glob("*.pkl"))
     again = multilingual.load_sources(keys, locale_root=root, max_chars=None, cache_dir=tmp_path)
     assert again == first
+    entries[0].write_text('{"examples": [["a"]]')  # a damaged entry is read again, not fatal
+    assert (
+        multilingual.load_sources(keys, locale_root=root, max_chars=None, cache_dir=tmp_path)
+        == first
+    )
     fake_locale(tmp_path / "locale", {"aa": 20})
     changed = multilingual.load_sources(keys, locale_root=root, max_chars=None, cache_dir=tmp_path)
     assert changed[keys[0]][1].examples == 20 and changed[keys[1]] == first[keys[1]]
