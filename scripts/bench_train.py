@@ -166,7 +166,11 @@ def run_once(run: dict, steps: int, log_every: int, flops: float | None) -> dict
                     proc.wait(timeout=15)
     pairs = zip(lines, lines[1:])
     ms = [1000 * (y["time"] - x["time"]) / (y["step"] - x["step"]) for x, y in pairs]
-    tokens = statistics.mean(sum(t["tokens"] for t in x["tasks"].values()) for x in lines[1:])
+    # a train line's task tokens are the sum over its logging window (metrics summed on device)
+    tokens = statistics.mean(
+        sum(t["tokens"] for t in y["tasks"].values()) / (y["step"] - x["step"])
+        for x, y in zip(lines, lines[1:])
+    )
     d = {k: snaps[-1][k] - snaps[0][k] for k in snaps[0]}
     steady = lines[-1]["step"] - lines[0]["step"]
     per_step = {k: d[k] / steady for k in ("user", "sys", "vcsw", "ivcsw", "minflt")}
