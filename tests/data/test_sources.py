@@ -2,36 +2,13 @@
 
 from __future__ import annotations
 
-import struct
 from pathlib import Path
 
 import pytest
+from tinyrun import write_mo
 
 from moe.data.sources import DataError, Example, load_source, normalize
 from moe.errors import UserError
-
-_HEADER = "Content-Type: text/plain; charset=UTF-8\nPlural-Forms: nplurals=2; plural=(n != 1);\n"
-
-
-def write_mo(path: Path, entries: dict[str, str]) -> Path:
-    """A minimal GNU .mo file: plural msgids are "one\\0many", contexts "ctx\\x04msgid"."""
-    entries = {"": _HEADER, **entries}
-    keys = sorted(entries, key=lambda k: k.encode())
-    ids = [k.encode() for k in keys]
-    strs = [entries[k].encode() for k in keys]
-    n = len(keys)
-    table_o, table_t = 28, 28 + 8 * n
-    offset = 28 + 16 * n
-    orig, trans, blob = [], [], b""
-    for group, table in ((ids, orig), (strs, trans)):
-        for s in group:
-            table.append((len(s), offset + len(blob)))
-            blob += s + b"\0"
-    out = struct.pack("<7I", 0x950412DE, 0, n, table_o, table_t, 0, 0)
-    out += b"".join(struct.pack("<2I", *e) for e in orig + trans) + blob
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(out)
-    return path
 
 
 def _catalogues(root: Path) -> Path:
