@@ -46,9 +46,7 @@ def _difference(overlap, pairs, fam_of) -> tuple[float, float, int, int]:
 
 
 def analyse(run: Path, permutations: int, seed: int = 0) -> dict:
-    report, problem = rf.read_json(run / "report.json", rf.Report)
-    if problem:
-        raise SystemExit(f"{run / 'report.json'} is {problem} (run `moe report {run}`)")
+    report, _ = rf.read_json(run / "report.json", rf.Report)
     summary = json.loads((run / "eval" / "summary.json").read_text())
     usage = summary.get("expert_usage") or {}
     rows = {r["task"]: r for r in many.rows(report)}
@@ -87,9 +85,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--permutations", type=int, default=2000)
     ap.add_argument("--json", type=Path, help="also write the record here")
     args = ap.parse_args(argv)
-    if not (args.run / "eval" / "summary.json").exists():
-        print(f"pathway_families: {args.run} has no eval/summary.json", file=sys.stderr)
-        return 2
+    for name, model in (("eval/summary.json", rf.EvalSummary), ("report.json", rf.Report)):
+        _, problem = rf.read_json(args.run / name, model)
+        if problem:
+            print(f"pathway_families: {args.run / name} is {problem}", file=sys.stderr)
+            return 2
     res = analyse(args.run, args.permutations)
     print(json.dumps(res, indent=1))
     print(f"\nstep {res['step']}, {args.permutations} permutations of the family labels\n")
