@@ -121,6 +121,12 @@ class Experiment(Section):
         """Number of experts of MoE layer ``layer`` (``moe.layer_experts`` or ``num_experts``)."""
         return self.moe.layer_experts.get(layer, self.moe.num_experts)
 
+    def expert_blocks(self, layer: str) -> tuple[int, ...]:
+        """The router softmax's expert blocks in ``layer``: ``()`` for a model never grown,
+        else its original experts then each growth's (``moe.grown_experts``)."""
+        grown = self.moe.grown_experts
+        return (self.experts_in(layer) - sum(grown), *grown) if grown else ()
+
     def _check_deepseek_routing(self, decoder_router: str) -> None:
         moe, ep = self.moe, self.mesh_shape.get("expert", 1)
         new = {"gate": "softmax", "bias_balance_rate": 0, "device_limit": 0, "routed_scaling": 1}
@@ -146,6 +152,13 @@ class Experiment(Section):
             if name not in layers:
                 raise ValueError(
                     f"moe.layer_experts: {name!r} is not an MoE layer; {_layers(layers)}"
+                )
+        grown = sum(self.moe.grown_experts)
+        for layer in layers if grown else ():
+            if grown >= self.experts_in(layer):
+                raise ValueError(
+                    f"moe.grown_experts={self.moe.grown_experts} adds {grown} experts, not fewer "
+                    f"than the {self.experts_in(layer)} of {layer}"
                 )
         for i, task in enumerate(self.tasks):
             if task.experts is None:

@@ -4,7 +4,7 @@ need two sections live on ``Experiment``."""
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -120,6 +120,12 @@ class MoeConfig(Section):
         description="Compute capacity as if each layer had this many experts (default: its "
         "own count); `moe grow`/`moe extract` keep the original count so old tasks drop "
         "exactly the tokens they dropped before.",
+    )
+    grown_experts: list[Annotated[int, Field(ge=1)]] = Field(
+        default_factory=list,
+        description="Experts each `moe grow` added to every MoE layer, in order (written by "
+        "`moe grow`): the router softmax sums the parent's experts and each growth's block "
+        "separately, so old tasks keep the parent's gates bit for bit.",
     )
 
     @model_validator(mode="before")

@@ -58,6 +58,8 @@ CONFIG_CASES += [
     ("model.nonsense=1", "model.nonsense"),
     ("checkpoint.keep=0", "checkpoint.keep"),
     ("model.kind=rnn", "model.kind"),
+    ("moe.grown_experts=[0]", "moe.grown_experts"),
+    ("moe.grown_experts=[4, 4]", "moe.grown_experts"),
 ]
 
 

@@ -85,6 +85,10 @@ class MoeSpec:
       capacity_experts: compute the capacity as if the layer had this many experts (0: its
         own count); a grown or extracted model keeps its original count, so a task routed
         over the same experts drops the same tokens (``moe grow`` / ``moe extract``).
+      expert_blocks: sizes of consecutive expert blocks whose router-softmax normaliser is
+        summed block by block (``moe.routing.token_choice.softmax``): a grown model's parent
+        experts, then each growth's new ones, so a task the new experts are masked for gets
+        the parent's gates bit for bit; ``()``: one block.
       weight_bits: 0 (float experts) or 8 / 4: the expert kernels stored quantised, inference
         only (``moe quantize``; ``moe.layers.quant``).
       routing_stats: add the co-activation counts of ``moe.routing.coactivation`` to the stats
@@ -115,6 +119,7 @@ class MoeSpec:
     activation: str = "gelu"
     routing_groups: str = "batch"
     capacity_experts: int = 0
+    expert_blocks: tuple[int, ...] = ()
     weight_bits: int = 0
     routing_stats: bool = False
 
@@ -134,6 +139,13 @@ class MoeSpec:
         if self.expert_devices < 1 or self.num_experts % self.expert_devices:
             raise ValueError(
                 f"expert_devices={self.expert_devices} must divide num_experts={self.num_experts}"
+            )
+        if self.expert_blocks and (
+            sum(self.expert_blocks) != self.num_experts or min(self.expert_blocks) < 1
+        ):
+            raise ValueError(
+                f"expert_blocks={self.expert_blocks} must be >= 1 and sum to num_experts="
+                f"{self.num_experts}"
             )
         if self.num_experts < 1 or self.top_k < 1:
             raise ValueError(f"num_experts={self.num_experts} and top_k={self.top_k} must be >= 1")

@@ -37,8 +37,17 @@ class RouterBias(nnx.Variable):
     """
 
 
-def _logits(x: jax.Array, w: jax.Array) -> jax.Array:
-    return jnp.dot(x, w[...], precision=jax.lax.Precision.HIGHEST)  # float32
+def _logits(x: jax.Array, w: jax.Array, blocks: tuple[int, ...] = ()) -> jax.Array:
+    """``x [T, d] @ w [d, E]`` in float32; with expert ``blocks`` (a grown model's parent
+    experts, then each growth's) one product per block, side by side: a wider kernel can
+    change how the backend sums an old expert's column (XLA:CPU does at E = 64 -> 72), one
+    product per block keeps the parent's numbers bit for bit."""
+    w = w[...]
+    dot = lambda w_: jnp.dot(x, w_, precision=jax.lax.Precision.HIGHEST)
+    if len(blocks) <= 1:
+        return dot(w)
+    starts = [sum(blocks[:i]) for i in range(len(blocks))]
+    return jnp.concatenate([dot(w[:, a : a + b]) for a, b in zip(starts, blocks)], axis=-1)
 
 
 class Router(nnx.Module):
@@ -101,7 +110,7 @@ class Router(nnx.Module):
             allowed = expert_mask.astype(bool)  # [T, E]
             if token_mask is not None:  # padding is not routed anyway; keep its logits finite
                 allowed = allowed | ~token_mask.astype(bool)[:, None]
-        logits = _logits(h, self.w_gate)  # [T, E]
+        logits = _logits(h, self.w_gate, spec.expert_blocks)  # [T, E]
         if allowed is not None:
             logits = jnp.where(allowed, logits, MASKED_LOGIT)
 
@@ -128,9 +137,11 @@ class Router(nnx.Module):
                 key=_key(rngs, "second expert") if random else None,
                 token_mask=token_mask,
                 capacity_limit=capacity_limit,
+                blocks=spec.expert_blocks,
             )
         if spec.router == "noisy":
-            noise_std = jax.nn.softplus(_logits(h, self.w_noise)) + NOISE_EPSILON  # [T, E]
+            noise = _logits(h, self.w_noise, spec.expert_blocks)  # [T, E]
+            noise_std = jax.nn.softplus(noise) + NOISE_EPSILON
             return noisy.top_k(
                 logits,
                 noise_std,
@@ -143,7 +154,11 @@ class Router(nnx.Module):
             )
         if spec.router == "expert_choice":
             return expert_choice.route(
-                logits, capacity=capacity, token_mask=token_mask, capacity_limit=capacity_limit
+                logits,
+                capacity=capacity,
+                token_mask=token_mask,
+                capacity_limit=capacity_limit,
+                blocks=spec.expert_blocks,
             )
         return self._hierarchical(h, logits, allowed, capacity, token_mask, capacity_limit)
 

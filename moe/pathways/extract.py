@@ -75,6 +75,7 @@ def extracted_experiment(exp: cfg.Experiment, task: int, keep: dict[str, list[in
     raw["name"] = name
     raw["moe"]["layer_experts"] = {layer: len(ids) for layer, ids in keep.items()}
     raw["moe"]["capacity_experts"] = exp.moe.capacity_experts or exp.moe.num_experts
+    raw["moe"]["grown_experts"] = []  # the kept experts no longer split into growth blocks
     for t in raw["tasks"]:
         t["experts"], t["frozen"] = None, False
     ep = exp.mesh_shape.get("expert", 1)

@@ -166,6 +166,7 @@ def grown_experiment(parent: cfg.Experiment, plan: GrowthPlan, gf: GrowFile, whe
     moe["num_experts"] = parent.moe.num_experts + add
     moe["layer_experts"] = {layer: e + add for layer, e in parent.moe.layer_experts.items()}
     moe["capacity_experts"] = parent.moe.capacity_experts or parent.moe.num_experts
+    moe["grown_experts"] = [*parent.moe.grown_experts, add]
     for i, task in enumerate(raw["tasks"]):
         if i == plan.task:
             task.update(experts=plan.pathway, frozen=False, weight=task["weight"] or 1.0)

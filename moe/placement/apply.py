@@ -74,6 +74,7 @@ def permuted_experiment(exp: cfg.Experiment, orders: Orders, out: Path) -> cfg.E
     every task's pathway renumbered (as one list per layer: the layers permute differently)."""
     raw = exp.model_dump(mode="json")
     raw["name"], raw["runs_dir"] = out.name, str(out.parent)
+    raw["moe"]["grown_experts"] = []  # permuted experts no longer split into growth blocks
     new_id = {
         layer: {int(old): new for new, old in enumerate(order)} for layer, order in orders.items()
     }

@@ -13,7 +13,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from moe.routing import losses, stats
+from moe.routing import losses, stats, token_choice
 from moe.routing.result import Routing
 
 
@@ -37,6 +37,7 @@ def route(
     capacity: int,
     token_mask: jax.Array | None = None,
     capacity_limit: jax.Array | None = None,
+    blocks: tuple[int, ...] = (),
 ) -> Routing:
     """Each expert takes the ``capacity`` tokens with the highest router probability.
 
@@ -56,6 +57,8 @@ def route(
       token_mask: optional bool[T]; False tokens count in no loss or statistic.
       capacity_limit: optional traced int ``<= capacity``: each expert keeps only its best
         ``capacity_limit`` picks (e.g. counted from the real tokens). None: capacity.
+      blocks: expert blocks of the softmax's normaliser (``token_choice.softmax``); ``()``:
+        one block.
 
     Returns:
       ``Routing``; stats: ``unpicked_fraction`` (real tokens picked by no expert; these skip the
@@ -69,7 +72,7 @@ def route(
     if not 1 <= capacity <= num_tokens:
         raise ValueError(f"capacity={capacity} must be between 1 and the number of tokens")
     valid = stats.valid_mask(num_tokens, token_mask)
-    probs = jax.nn.softmax(logits, axis=-1)  # [T, E]
+    probs = token_choice.softmax(logits, blocks)  # [T, E]
     # Padding scores below every real probability (> 0), so it is picked only to fill up.
     scores = jnp.where(valid[:, None], probs, -1.0)
     _, picked = jax.lax.top_k(jax.lax.stop_gradient(scores).T, capacity)  # [E, C]

@@ -89,16 +89,44 @@ def _check_deepseek_args(shape, k, score, bias, device_limit, num_devices) -> No
         )
 
 
-def scores(logits: jax.Array, score: str) -> tuple[jax.Array, jax.Array]:
+def softmax(logits: jax.Array, blocks: tuple[int, ...] = ()) -> jax.Array:
+    """``softmax(logits)`` over the last axis, its normaliser summed block by block.
+
+    ``blocks``: sizes of consecutive expert blocks (summing to ``E``); ``()`` or one block is
+    ``jax.nn.softmax``. With blocks, ``sum_j exp(x_j - max)`` is the sum of each block's own
+    sum, added left to right. A grown model's blocks are the parent's experts followed by each
+    growth's new ones (``moe.grown_experts``): for a task whose new experts are masked (their
+    exponentials are exact zeros) the normaliser is then the parent's number plus exact zeros,
+    bit for bit, whatever order the backend sums a longer row in (XLA:CPU sums 72 or 80 in
+    another order than 64: last-bit differences in the gates).
+    """
+    if len(blocks) <= 1:
+        return jax.nn.softmax(logits, axis=-1)
+    if sum(blocks) != logits.shape[-1] or min(blocks) < 1:
+        raise ValueError(f"blocks={blocks} must be >= 1 and sum to {logits.shape[-1]} experts")
+    shifted = logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+    unnormalised = jnp.exp(shifted)
+    total, start = None, 0
+    for size in blocks:
+        part = jnp.sum(unnormalised[..., start : start + size], axis=-1, keepdims=True)
+        total = part if total is None else total + part
+        start += size
+    return unnormalised / total
+
+
+def scores(
+    logits: jax.Array, score: str, blocks: tuple[int, ...] = ()
+) -> tuple[jax.Array, jax.Array]:
     """Router scores ``s [T, E]`` and their normalised form ``s / sum_j s_j`` (rows sum to 1).
 
-    ``softmax``: ``s = softmax(logits)`` (Switch eq. 1), already normalised. ``sigmoid``:
-    ``s = sigmoid(logits)`` (DeepSeek-V3 §2.1.2, eq. 15), normalised as in the complementary
-    sequence-wise balance loss (DeepSeek-V3 eq. 19, ``s'_i = s_i / sum_j s_j``).
+    ``softmax``: ``s = softmax(logits)`` (Switch eq. 1; normaliser summed by ``blocks``, see
+    ``softmax``), already normalised. ``sigmoid``: ``s = sigmoid(logits)`` (DeepSeek-V3
+    §2.1.2, eq. 15), normalised as in the complementary sequence-wise balance loss
+    (DeepSeek-V3 eq. 19, ``s'_i = s_i / sum_j s_j``); the gates use ``s`` alone.
     """
     logits = logits.astype(jnp.float32)
     if score == "softmax":
-        probs = jax.nn.softmax(logits, axis=-1)
+        probs = softmax(logits, blocks)
         return probs, probs
     s = jax.nn.sigmoid(logits)
     return s, s / jnp.maximum(jnp.sum(s, axis=-1, keepdims=True), 1e-30)
@@ -138,6 +166,7 @@ def top_k(
     key: jax.Array | None = None,
     token_mask: jax.Array | None = None,
     capacity_limit: jax.Array | None = None,
+    blocks: tuple[int, ...] = (),
 ) -> Routing:
     """Route each token to its top-``k`` experts under a per-expert capacity.
 
@@ -192,6 +221,8 @@ def top_k(
       capacity_limit: optional traced int, the slots per expert actually usable (``<=
         capacity``), e.g. counted from the real tokens of the group (``moe.layers.moe``); slots
         past it stay empty and the choices that would fill them are dropped. None: capacity.
+      blocks: expert blocks of the softmax's normaliser (static; ``softmax``): a grown model's
+        parent experts and each growth's new ones; ``()``: one block.
 
     Returns:
       ``Routing`` with slot_token int32[E, C], slot_weight float32[E, C] (differentiable), the
@@ -204,7 +235,7 @@ def top_k(
     logits = logits.astype(jnp.float32)
     num_tokens, num_experts = logits.shape
     valid = stats.valid_mask(num_tokens, token_mask)
-    s, normalised = scores(logits, score)  # [T, E] each
+    s, normalised = scores(logits, score, blocks)  # [T, E] each
     selection = jax.lax.stop_gradient(s)
     if bias is not None:
         selection = selection + jax.lax.stop_gradient(bias.astype(jnp.float32))

@@ -50,6 +50,7 @@ def moe_spec(exp: Experiment, layer: str, routing_stats: bool = False) -> MoeSpe
         activation=exp.model.activation,
         routing_groups="device",
         capacity_experts=m.capacity_experts or 0,
+        expert_blocks=exp.expert_blocks(layer),
         weight_bits=exp.model.weight_bits,
         routing_stats=routing_stats,
     )

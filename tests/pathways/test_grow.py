@@ -97,6 +97,45 @@ def test_growing_in_memory_keeps_old_tasks_bit_identical_and_the_new_task_close(
     np.testing.assert_allclose(after(big, 2), before(params, 2), rtol=1e-5, atol=1e-5)
 
 
+def test_growing_again_and_again_at_64_experts_keeps_every_earlier_task_bit_identical():
+    """64 -> 72 -> 80 -> 88 experts under Task-MoE routing, as scripts/grow_many.sh does: a
+    wider router kernel and a longer softmax row change how XLA:CPU sums (before
+    ``moe.grown_experts`` split them into blocks this failed at every step); after each growth
+    every earlier task's logits are the parent's bit for bit."""
+    model = {"d_model": 8, "num_heads": 2, "encoder_layers": 2, "decoder_layers": 2}
+    model.update(d_ff=12, dropout=0.0, vocab_size=64)
+    tasks = [{"name": n, "kind": "lm", "source": "t", "weight": w} for n, w in
+             [("a", 1), ("b", 1), ("c", 0), ("d", 0), ("e", 0)]]  # fmt: skip
+    routing = {"encoder": "token+task", "decoder": "task"}
+    moe = {"num_experts": 64, "every": 2, "capacity_factor_eval": 1.0, "routing_input": routing}
+    parent = cfg.from_dict({"name": "p", "model": model, "moe": moe, "tasks": tasks})
+    make = lambda e: lambda: build.build_model(e)
+    graph, _ = nnx.split(nnx.eval_shape(make(parent)), nnx.Param)
+    params = jax.jit(lambda: nnx.split(make(parent)(), nnx.Param)[1])()
+    rng = np.random.default_rng(0)
+    src, tgt = rng.integers(4, 64, (8, 9)), rng.integers(4, 64, (8, 8))
+
+    def forward(g):
+        fn = jax.jit(lambda p, t: nnx.merge(g, p)(src, tgt, jnp.full((8,), t, jnp.int32))[0])
+        return lambda p, t: np.asarray(fn(p, t))
+
+    for new in (2, 3, 4):
+        usage = {
+            layer: rng.random(parent.experts_in(layer)).tolist() for layer in parent.moe_layers
+        }
+        spec = grow.GrowSpec(task=tasks[new]["name"], add_experts=8, share_experts=2)
+        plan = grow.plan_growth(parent, usage, new, spec)
+        child = grow.grown_experiment(parent, plan, grow.GrowFile(name="c", grow=spec), "test")
+        assert child.moe.grown_experts == [8] * (new - 1)
+        big = jax.tree.map(jnp.asarray, surgery.append_experts(params, plan.clones))
+        child_graph, _ = nnx.split(nnx.eval_shape(make(child)), nnx.Param)
+        before, after = forward(graph), forward(child_graph)
+        for task in range(new):
+            a, b = before(params, task), after(big, task)
+            assert np.array_equal(a.view(np.uint32), b.view(np.uint32)), (new, task)
+        parent, params, graph = child, big, child_graph
+
+
 @pytest.fixture(scope="module")
 def parent(tmp_path_factory):
     root = tmp_path_factory.mktemp("grow")

@@ -311,3 +311,24 @@ def test_routing_invariants(config, values, mask, scale):
     # An expert is short of capacity only if fewer choices asked for it.
     f = np.asarray(r.stats["expert_fraction"]) * k * np.sum(mask)
     np.testing.assert_allclose(filled.sum(1), np.minimum(np.round(f), capacity))
+
+
+def test_blocked_softmax_is_the_softmax_and_keeps_a_masked_parent_bit_identical():
+    """``softmax(logits, blocks)`` sums its normaliser block by block (a grown model's parent
+    experts, then each growth's): it is the softmax, and with the added experts masked
+    (exact zero exponentials) the first block's probabilities are the parent's, bit for bit."""
+    rng = np.random.default_rng(3)
+    for num_tokens in (7, 64, 300):
+        parent = jnp.asarray(rng.normal(size=(num_tokens, 64)) * 3, jnp.float32)
+        want = np.asarray(jax.jit(lambda x: jax.nn.softmax(x, axis=-1))(parent))
+        for blocks in ((64, 8), (64, 8, 8), (64, 8, 8, 8)):
+            free = jnp.asarray(rng.normal(size=(num_tokens, sum(blocks))), jnp.float32)
+            got = jax.jit(token_choice.softmax, static_argnums=1)(free, blocks)
+            np.testing.assert_allclose(got, jax.nn.softmax(free, axis=-1), rtol=1e-6, atol=1e-7)
+            masked = jnp.full((num_tokens, sum(blocks) - 64), -1e9, jnp.float32)
+            grown = jnp.concatenate([parent, masked], axis=-1)
+            got = np.asarray(jax.jit(token_choice.softmax, static_argnums=1)(grown, blocks))
+            assert np.array_equal(got[:, :64].view(np.uint32), want.view(np.uint32))
+            assert not got[:, 64:].any()
+    with pytest.raises(ValueError, match="sum to 10"):
+        token_choice.softmax(jnp.zeros((2, 10)), (8, 4))
