@@ -103,6 +103,12 @@ class Experiment(Section):
             )
         if not any(t.weight > 0 for t in self.tasks):
             raise ValueError("every task has weight 0; at least one task must be trained on")
+        names = {t.name for t in self.tasks}
+        unknown = [n for n in self.eval.tasks if n not in names]
+        if unknown:
+            raise ValueError(
+                f"eval.tasks: {', '.join(map(repr, unknown))}: no such task in this experiment"
+            )
         self._check_pathways()
         self._check_mesh()
         return self

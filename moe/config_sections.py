@@ -357,6 +357,11 @@ class EvalConfig(Section):
     no_repeat_ngram: int = Field(
         0, ge=0, description="Never repeat an n-gram of this size within a decoded line (0 = off)."
     )
+    tasks: list[str] = Field(
+        default_factory=list,
+        description="Tasks evaluated (during training and at the end), by name; empty = every "
+        "task. Each task's figures do not depend on which others are evaluated.",
+    )
 
 
 class CheckpointConfig(Section):

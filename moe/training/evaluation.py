@@ -126,6 +126,11 @@ class Evaluator:
         """Host metrics of one global batch (this process feeds its rows)."""
         return jax.device_get(self.eval_step()(params, self.placement.batch(_rows(host))))
 
+    def evaluated_tasks(self) -> list[tuple[int, Any]]:
+        """``(index, task)`` of the tasks evaluated: ``eval.tasks``, or every task."""
+        only = set(self.exp.eval.tasks)
+        return [(i, t) for i, t in enumerate(self.data.tasks) if not only or t.name in only]
+
     def perplexities(
         self,
         params: Any,
@@ -140,7 +145,7 @@ class Evaluator:
         limit = exp.eval.batches if max_batches is None else max_batches
         out: dict[str, rf.TaskEval] = {}
         usage: Usage = {}
-        for ti, task in enumerate(self.data.tasks):
+        for ti, task in self.evaluated_tasks():
             nll = tokens = 0.0
             loads: dict[str, list[np.ndarray]] = {}
             for host in self.data.eval_batches(ti, split, exp.eval.batch_size, limit):
@@ -240,7 +245,7 @@ class Evaluator:
             groups = token_groups(self.placement.mesh)
             stats = routing.summary(exp, step, split, groups)
             rf.write_json(run_dir / "eval" / "routing_stats.json", stats)
-        for ti, task in enumerate(self.data.tasks):
+        for ti, task in self.evaluated_tasks():
             row = tasks[task.name]
             if task.kind != "translate" or not exp.eval.bleu_examples:
                 continue

@@ -7,6 +7,7 @@ import io
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -222,6 +223,29 @@ def test_moe_eval_evaluates_a_named_checkpoint_and_keeps_the_metrics(reference_r
     report = build(run_dir)  # the valid numbers are labelled valid, never final
     assert (report.final_split, report.final_step) == ("valid", 8)
     assert "perplexity (valid, step 8)" in (run_dir / "report.md").read_text()
+
+
+def test_evaluating_a_subset_of_tasks_gives_their_numbers_and_a_report(reference_run, tmp_path):
+    """``eval.tasks`` (at 100+ tasks, evaluate the few you compare): the named tasks only, with
+    the figures the evaluation of every task gave them."""
+    from moe.report.build import build
+    from moe.training.loop import evaluate_checkpoint
+
+    _, run_dir, _ = reference_run
+    copy = tmp_path / "tiny"
+    shutil.copytree(run_dir, copy)
+    full = json.loads((copy / "eval" / "summary.json").read_text())["tasks"]
+    evaluate_checkpoint(copy, overrides=("eval.tasks=[rev]",))
+    subset = json.loads((copy / "eval" / "summary.json").read_text())
+    assert list(subset["tasks"]) == ["rev"] and subset["step"] == 12
+    for key in ("loss", "perplexity", "bleu", "tokens"):
+        assert subset["tasks"]["rev"][key] == full["rev"][key], key
+    assert (copy / "eval" / "rev.hyp.txt").read_bytes() == (
+        run_dir / "eval" / "rev.hyp.txt"
+    ).read_bytes()
+    assert "rev" in (copy / "report.md").read_text() and build(copy).final_step == 12
+    with pytest.raises(cfg.ConfigError, match="eval.tasks: 'nope': no such task"):
+        cfg.load(copy / "config.yaml", ["eval.tasks=[rev, nope]"])
 
 
 @pytest.mark.slow
