@@ -19,19 +19,22 @@ use stay *frozen*. Here the components are experts:
 
 What is guaranteed for an old task evaluated alone (one-task batches, as ``moe eval`` does, on
 the same mesh), by construction: every weight it touches is bit-identical (frozen, updates of
-exactly -0.0); its router logits over the old experts are the same numbers and the new experts'
-logits are masked (their probabilities are exact zeros); the capacity is computed for the
-original expert count (``moe.capacity_experts``); so the same tokens reach the same experts.
-The one float operation whose operands change is the router softmax's normaliser, a sum over the
-old experts followed by the new experts' exact zeros: XLA:CPU adds those zeros without changing
-the sum when both expert counts take the same vectorised reduction (8->12 as in the experiment,
-4->6, 8->16, 12->16; not 4->8, 6->10, 16->32: last-bit differences), and then logits,
-perplexity and decodes are bit-identical (tested in ``tests/training/test_grow.py``, measured in
-docs/results.md (pathways section); ``grow.json`` records a check before training and
-the comparison for every grown run). Not guaranteed: batches that mix old and new tasks under a
-finite capacity (token choice fills an old expert's slots in token order, so a new task sharing
-that expert can take slots an old token had) and the auxiliary losses (averaged over all
-experts). Training batches of a grown run hold the new task only (old tasks have weight 0).
+exactly -0.0); the capacity is computed for the original expert count (``moe.capacity_experts``);
+the new experts' logits are masked (their probabilities are exact zeros); and the grown config
+records each growth (``moe.grown_experts``), so the router computes its logits one product per
+block of experts (the parent's, then each growth's) and sums the softmax normaliser block by
+block (``moe.routing.token_choice.softmax``): an old task's logits and normaliser are the
+parent's numbers (plus exact zeros), whatever order the backend would sum a wider row in. So
+the same tokens reach the same experts with the same gates, and logits, perplexity and decodes
+are bit-identical, after any number of growths (tested in ``tests/pathways/test_grow.py`` at
+64 -> 72 -> 80 -> 88 experts, where one product over the wider kernel and one sum over the longer
+row differ in the last bits on XLA:CPU; measured in docs/results.md). ``grow.json`` records a
+check before training and the comparison for every grown run.
+
+Not guaranteed: batches that mix old and new tasks under a finite capacity (token choice fills
+an old expert's slots in token order, so a new task sharing that expert can take slots an old
+token had) and the auxiliary losses (averaged over all experts). Training batches of a grown
+run hold the new task only (old tasks have weight 0).
 """
 
 from __future__ import annotations
@@ -221,15 +224,15 @@ def prepare_grown_run(parent_dir: Path, gf: GrowFile, where: str, say=print) -> 
     if differ:
         say(
             f"moe: grow: warning: {', '.join(differ)} differ from the parent in the last bits "
-            "(the router softmax over more experts is summed in another order); see grow.json"
+            "(a backend that computes the routing differently for more experts); see grow.json"
         )
     return run_dir
 
 
 def check_old_tasks(restored: Restored, child: cfg.Experiment, params, data: RunData, old):
     """Before training: the held-out NLL of one validation batch of each old task, parent vs
-    grown model. Frozen weights never change, so this predicts the final comparison (see the
-    module docstring for why it could differ in the last bit)."""
+    grown model. Frozen weights never change, so this predicts the final comparison (the
+    module docstring says why they agree bit for bit)."""
     parent = Evaluator(restored.exp, data, restored.placement)
     grown = Evaluator(child, data, Placement.for_experiment(child))
     params = jax.tree.map(jnp.asarray, params)

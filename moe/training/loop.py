@@ -395,7 +395,9 @@ def _s(t0: float | _Clock, phase: str = "") -> str:
 
 
 def _decoding(exp: cfg.Experiment) -> str:
-    n = sum(t.kind == "translate" for t in exp.tasks) if exp.eval.bleu_examples else 0
+    only = set(exp.eval.tasks)
+    evaluated = [t for t in exp.tasks if not only or t.name in only]
+    n = sum(t.kind == "translate" for t in evaluated) if exp.eval.bleu_examples else 0
     return f", decoding {exp.eval.bleu_examples} sentences of each of {n} task(s)" if n else ""
 
 
