@@ -266,7 +266,7 @@ def describe(exp: Experiment) -> str:
             value, key = getattr(model, name), f"{prefix}{name}"
             if isinstance(value, BaseModel):
                 walk(value, f"{key}.")
-            elif name == "tasks" and isinstance(value, list):
+            elif key == "tasks" and isinstance(value, list):
                 lines.append(f"{key}:  # {field.description or ''}")
                 walk(value[0], "tasks[].")
             else:
