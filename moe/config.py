@@ -127,6 +127,11 @@ class Experiment(Section):
         """Number of experts of MoE layer ``layer`` (``moe.layer_experts`` or ``num_experts``)."""
         return self.moe.layer_experts.get(layer, self.moe.num_experts)
 
+    def evaluated_tasks(self) -> list[int]:
+        """Indices of the tasks evaluations cover: ``eval.tasks``, or every task."""
+        only = set(self.eval.tasks)
+        return [i for i, t in enumerate(self.tasks) if not only or t.name in only]
+
     def expert_blocks(self, layer: str) -> tuple[int, ...]:
         """The router softmax's expert blocks in ``layer``: ``()`` for a model never grown,
         else its original experts then each growth's (``moe.grown_experts``)."""

@@ -127,9 +127,8 @@ class Evaluator:
         return jax.device_get(self.eval_step()(params, self.placement.batch(_rows(host))))
 
     def evaluated_tasks(self) -> list[tuple[int, Any]]:
-        """``(index, task)`` of the tasks evaluated: ``eval.tasks``, or every task."""
-        only = set(self.exp.eval.tasks)
-        return [(i, t) for i, t in enumerate(self.data.tasks) if not only or t.name in only]
+        """``(index, task)`` of the tasks evaluated (``Experiment.evaluated_tasks``)."""
+        return [(i, self.data.tasks[i]) for i in self.exp.evaluated_tasks()]
 
     def perplexities(
         self,

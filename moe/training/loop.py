@@ -395,8 +395,7 @@ def _s(t0: float | _Clock, phase: str = "") -> str:
 
 
 def _decoding(exp: cfg.Experiment) -> str:
-    only = set(exp.eval.tasks)
-    evaluated = [t for t in exp.tasks if not only or t.name in only]
+    evaluated = [exp.tasks[i] for i in exp.evaluated_tasks()]
     n = sum(t.kind == "translate" for t in evaluated) if exp.eval.bleu_examples else 0
     return f", decoding {exp.eval.bleu_examples} sentences of each of {n} task(s)" if n else ""
 
